@@ -1,0 +1,75 @@
+"""The shard contract (format v1): what `stica-shard` writes and every reader relies on.
+
+A sample KEY in a GNU tar shard has these members:
+
+  KEY.segs  the video as independent segments of `seg_frames` frames, each a complete
+            WebM/VP9 (or MP4/H.264) file, stored back to back. DALI 2.4's CPU decoder
+            does not seek, so decoding a clip at frame 270 of one long stream costs about
+            5x a clip at frame 0 (research/dali.md); with segments a reader decodes only
+            the one or two segments a clip touches, whatever its start.
+  KEY.flac  mono audio at `audio_rate`, sample 0 at video frame 0, same duration as the
+            video (silence with has_audio=0 when packed with --allow-no-audio).
+  KEY.info  int32 vector read in-graph by DALI (layout: INFO_FIELDS, then the
+            num_segments + 1 byte offsets of the segments inside KEY.segs).
+  KEY.json  metadata for people and Python readers.
+  KEY.cls   label index as text (the webdataset convention).
+
+Beside the shards: `{split}-NNNNNN.tar` + `.idx` (DALI's wds2idx format), `manifest.json`,
+`failures.jsonl`, `classes.txt`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MEMBERS = ("segs", "flac", "info", "json", "cls")
+INFO_FIELDS = (
+    "version", "num_frames", "fps", "width", "height", "has_audio", "label_index",
+    "audio_rate", "audio_samples", "seg_frames", "num_segments",
+)
+INFO = {name: i for i, name in enumerate(INFO_FIELDS)}
+# Index of the first segment offset inside KEY.info; segment k spans [off[k], off[k+1]).
+INFO_OFFSETS = len(INFO_FIELDS)
+
+
+def pack_info(meta: dict, offsets: list[int]) -> bytes:
+    values = [meta[name] for name in INFO_FIELDS] + list(offsets)
+    return np.asarray(values, dtype="<i4").tobytes()
+
+
+def parse_info(raw: bytes | np.ndarray) -> tuple[dict, np.ndarray]:
+    arr = np.frombuffer(raw, dtype="<i4") if isinstance(raw, (bytes, bytearray)) else np.asarray(raw)
+    meta = {name: int(arr[i]) for i, name in enumerate(INFO_FIELDS)}
+    if meta["version"] != FORMAT_VERSION:
+        raise ValueError(f"shard format v{meta['version']} is not supported (this reader is v{FORMAT_VERSION})")
+    return meta, arr[INFO_OFFSETS:INFO_OFFSETS + meta["num_segments"] + 1]
+
+
+def split_segments(segs: bytes, info: bytes | np.ndarray) -> list[bytes]:
+    _, offsets = parse_info(info)
+    return [segs[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def load_manifest(root: str | Path) -> dict:
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no manifest; is this a stica-shard output directory?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format v{manifest.get('format_version')} is not v{FORMAT_VERSION}")
+    return manifest
+
+
+def shard_paths(root: str | Path, split: str) -> tuple[list[str], list[str]]:
+    """Tar paths and their DALI index paths for one split, in manifest order."""
+    root = Path(root)
+    shards = load_manifest(root)["splits"][split]["shards"]
+    tars = [str(root / s["name"]) for s in shards]
+    return tars, [t[:-len(".tar")] + ".idx" for t in tars]

@@ -1,0 +1,181 @@
+"""The packing job: sources -> shuffled GNU tar shards, resumable and deterministic.
+
+Crash safety: a shard is written as `NAME.tmp`, renamed when complete, indexed, and only then
+recorded as one line in `_journal-{split}.jsonl` (with the failures met since the previous
+shard and the position reached in the shuffled input order). A rerun trusts the journal
+alone, so a killed run leaves nothing a reader could mistake for a finished shard, and no
+sample is written or reported twice. manifest.json and failures.jsonl are derived from the
+journals at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from stica.shards import FORMAT_VERSION, MEMBERS, shard_name
+from stica.tools.sources import Source, class_list
+from stica.tools.transcode import PackError, PackOptions, transcode
+
+
+def _work(args):
+    source, label_index, opts = args
+    try:
+        return source, transcode(source.path, source.key, source.label, label_index, opts), None
+    except PackError as e:
+        return source, None, {"stage": e.stage, "reason": e.reason}
+    except Exception as e:  # a bug or an FFmpeg surprise must not kill a multi-day job: record it
+        return source, None, {"stage": "transcode", "reason": f"{type(e).__name__}: {e}"}
+
+
+def _write_atomic(path: Path, data: bytes):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Streams samples into `NAME.tmp`; `close()` publishes tar + index and returns its record."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.GNU_FORMAT)
+        self.samples = self.bytes = 0
+
+    def add(self, key: str, members: dict[str, bytes]):
+        for ext in MEMBERS:
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode = len(data), 0o644  # mtime, uid, names stay 0/"": byte-identical reruns
+            self.tar.addfile(info, io.BytesIO(data))
+            self.bytes += len(data)
+        self.samples += 1
+
+    def close(self) -> dict:
+        from wds2idx import IndexCreator  # ships with DALI; writes the index format its reader expects
+
+        self.tar.close()
+        with open(self.tmp, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.replace(self.tmp, self.path)
+        idx = self.path.with_suffix(".idx")
+        with IndexCreator(str(self.path), str(idx) + ".tmp", verbose=False) as creator:
+            creator.create_index()
+        os.replace(str(idx) + ".tmp", idx)
+        return {"name": self.path.name, "samples": self.samples, "bytes": self.path.stat().st_size,
+                "sha256": digest}
+
+
+def read_journal(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    text = path.read_text()
+    complete = text[:text.rfind("\n") + 1]
+    if complete != text:  # a line cut by a crash: drop it (its shard is redone) before appending more
+        _write_atomic(path, complete.encode())
+    return [json.loads(line) for line in complete.splitlines()]
+
+
+def pack_split(sources: list[Source], split: str, out: Path, classes: list[str], opts: PackOptions,
+               seed: int, shard_bytes: int, shard_samples: int | None, workers: int) -> dict:
+    journal_path = out / f"_journal-{split}.jsonl"
+    journal = read_journal(journal_path)
+    for stale in out.glob(f"{split}-*.tmp"):
+        stale.unlink()
+    order = np.random.default_rng(seed).permutation(len(sources))
+    ordered = [sources[i] for i in order]
+    start = journal[-1]["next"] if journal else 0
+    shard_index = sum(1 for r in journal if r["shard"] is not None)
+    failed_before = sum(len(r["failures"]) for r in journal)
+
+    done = start
+
+    def publish(writer, failures, position):
+        nonlocal done
+        done = position
+        record = {"shard": None, "next": position, "failures": failures}
+        if writer is not None:
+            record.update(shard=shard_index, **writer.close())
+        with open(journal_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    label_index = {c: i for i, c in enumerate(classes)}
+    jobs = [(s, label_index.get(s.label, -1), opts) for s in ordered[start:]]
+    writer, failures = None, []
+    bar = tqdm(total=len(ordered), initial=start, unit="video", desc=f"pack {split}", smoothing=0.05)
+    bar.set_postfix(failed=failed_before)
+    first_use = {}
+    for s in sources:  # sorted by (key, path): of two inputs with one key, the first path wins
+        first_use.setdefault(s.key, s.path)
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    results = pool.imap(_work, jobs) if pool else map(_work, jobs)
+    try:
+        for position, (source, result, failure) in enumerate(results, start=start + 1):
+            if failure is None and first_use[source.key] != source.path:
+                failure = {"stage": "list", "reason": f"duplicate key {source.key!r}, also {first_use[source.key]}"}
+            if failure is not None:
+                failures.append({"path": source.path, "key": source.key, "split": split, **failure})
+                bar.set_postfix(failed=failed_before + len(failures))
+            else:
+                if writer is None:
+                    writer = ShardWriter(out / shard_name(split, shard_index))
+                writer.add(source.key, result["members"])
+                if writer.bytes >= shard_bytes or (shard_samples and writer.samples >= shard_samples):
+                    publish(writer, failures, position)
+                    failed_before += len(failures)
+                    writer, failures, shard_index = None, [], shard_index + 1
+            bar.update(1)
+        if writer is not None or failures or done < len(ordered):
+            publish(writer, failures, len(ordered))
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    return summarize(read_journal(journal_path))
+
+
+def summarize(journal: list[dict]) -> dict:
+    shards = [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in journal if r["shard"] is not None]
+    return {"shards": shards, "samples": sum(s["samples"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "failures": [f for r in journal for f in r["failures"]]}
+
+
+def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0,
+        shard_bytes: int = 1 << 30, shard_samples: int | None = None, workers: int = 1) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = class_list(sources)
+    job = {"format_version": FORMAT_VERSION, "options": asdict(opts), "seed": seed, "shard_bytes": shard_bytes,
+           "shard_samples": shard_samples, "classes": classes, "inputs": len(sources)}
+    job_path = out / "_job.json"
+    if job_path.exists() and json.loads(job_path.read_text()) != job:
+        raise SystemExit(f"{out}: holds a packing job with other inputs or options ({job_path}); "
+                         "rerun with the same arguments to resume, or choose another --out")
+    _write_atomic(job_path, json.dumps(job, indent=1).encode())
+
+    splits = {}
+    for split in sorted({s.split for s in sources}):
+        members = sorted((s for s in sources if s.split == split), key=lambda s: (s.key, s.path))
+        splits[split] = pack_split(members, split, out, classes, opts, seed, shard_bytes, shard_samples, workers)
+
+    failures = [f for s in splits.values() for f in s.pop("failures")]
+    manifest = {**{k: job[k] for k in ("format_version", "options", "seed", "classes")},
+                "num_classes": len(classes), "splits": splits, "failed": len(failures)}
+    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    _write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
+    _write_atomic(out / "classes.txt", "".join(c + "\n" for c in classes).encode())
+    return {"packed": {k: v["samples"] for k, v in splits.items()}, "failures": failures}

@@ -1,0 +1,90 @@
+"""stica-shard: pack a video dataset into WebDataset shards (`pack`) and check them (`verify`)."""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+
+from stica.tools.transcode import PackOptions
+
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)i?B?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GiB, 200MB, 50000)")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stica-shard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = PackOptions()
+    p = sub.add_parser("pack", help="transcode and pack videos into shards (resumes when rerun)")
+    p.add_argument("--root", required=True, help="directory holding the videos (class folders or flat)")
+    p.add_argument("--csv", action="append", default=[],
+                   help="Kinetics annotation CSV (label,youtube_id,time_start,time_end[,split]); repeatable. "
+                        "Without it, --root is read as a class-folder tree")
+    p.add_argument("--split", default="train", help="split name for a class-folder tree (default: train)")
+    p.add_argument("--out", required=True, help="output directory for shards, manifest and failures")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel transcoders (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="write-time shuffle seed (recorded in the manifest)")
+    p.add_argument("--shard-size", type=parse_size, default=1 << 30, help="close a shard past this size (1GiB)")
+    p.add_argument("--shard-samples", type=int, default=None, help="or past this many samples")
+    p.add_argument("--fps", type=int, default=d.fps)
+    p.add_argument("--short-side", type=int, default=d.short_side)
+    p.add_argument("--codec", choices=["vp9", "h264"], default=d.codec,
+                   help="vp9 decodes on DALI's CPU and GPU paths; h264 only on the GPU")
+    p.add_argument("--crf", type=int, default=d.crf)
+    p.add_argument("--speed", type=int, default=d.speed, help="libvpx cpu-used (higher: faster, larger)")
+    p.add_argument("--seg-frames", type=int, default=d.seg_frames,
+                   help="frames per independently decodable segment (and keyframe interval)")
+    p.add_argument("--audio-rate", type=int, default=d.audio_rate)
+    p.add_argument("--min-frames", type=int, default=d.min_frames, help="shorter videos are reported, not packed")
+    p.add_argument("--allow-no-audio", action="store_true",
+                   help="pack videos without audio as silence with has_audio=0 (default: report and skip)")
+    v = sub.add_parser("verify", help="re-read every shard: checksums, DALI reads, decodes, counts")
+    v.add_argument("dir")
+    v.add_argument("--device", choices=["cpu", "mixed"], default="cpu",
+                   help="DALI decoder backend (mixed = NVDEC, needed for h264 shards)")
+    return parser
+
+
+def pack(args) -> int:
+    from stica.tools import pack as job
+    from stica.tools.sources import from_class_folders, from_kinetics_csv
+
+    sources = from_kinetics_csv(args.csv, args.root) if args.csv else from_class_folders(args.root, args.split)
+    opts = PackOptions(fps=args.fps, short_side=args.short_side, codec=args.codec, crf=args.crf, speed=args.speed,
+                       seg_frames=args.seg_frames, audio_rate=args.audio_rate, min_frames=args.min_frames,
+                       allow_no_audio=args.allow_no_audio)
+    result = job.run(sources, args.out, opts, seed=args.seed, shard_bytes=args.shard_size,
+                     shard_samples=args.shard_samples, workers=max(1, args.workers))
+    packed = ", ".join(f"{split}: {n}" for split, n in result["packed"].items())
+    stages = collections.Counter(f["stage"] for f in result["failures"])
+    print(f"packed {sum(result['packed'].values())} videos ({packed}); failed {len(result['failures'])}"
+          + (f" ({', '.join(f'{k}: {n}' for k, n in sorted(stages.items()))}); see {args.out}/failures.jsonl"
+             if stages else ""))
+    return 1 if result["failures"] else 0
+
+
+def verify(args) -> int:
+    from stica.tools.verify import verify as run_verify
+
+    problems = run_verify(args.dir, device=args.device)
+    for p in problems:
+        print(p)
+    print(f"verify {args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"pack": pack, "verify": verify}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""One source video -> the members of one shard sample (see stica/shards.py), or a PackError.
+
+Decoding, resampling and encoding are FFmpeg's, through PyAV; what is ours is the
+constant-frame-rate timeline, the audio alignment and the checks that name a reason.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from stica.shards import FORMAT_VERSION, pack_info
+
+CODECS = {  # name -> (encoder, container, options)
+    # bf=0 / lag-free settings: DALI's index drops packets with negative pts (research/dali.md).
+    "vp9": ("libvpx-vp9", "webm", {"b": "0", "row-mt": "0", "deadline": "good"}),
+    "h264": ("libx264", "mp4", {"bf": "0", "preset": "veryfast", "x264-params": "scenecut=0"}),
+}
+BITEXACT = {"fflags": "+bitexact"}  # no random track UIDs or version strings: byte-identical reruns
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    fps: int = 30
+    short_side: int = 128
+    codec: str = "vp9"
+    crf: int = 32
+    speed: int = 4  # libvpx cpu-used; ignored for h264
+    seg_frames: int = 30
+    audio_rate: int = 24000
+    min_frames: int = 30
+    allow_no_audio: bool = False
+    # A stream that decodes to less than this share of the duration its container declares is truncated.
+    min_decoded_share: float = 0.9
+
+
+class PackError(Exception):
+    def __init__(self, stage: str, reason: str):
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason = stage, reason
+
+
+def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    scale = short_side / min(width, height)
+    even = lambda x: max(2, int(round(x * scale / 2)) * 2)  # yuv420p needs even sizes
+    return even(width), even(height)
+
+
+class SegmentEncoder:
+    """Cuts the output frame sequence into independent files of `seg_frames` frames each."""
+
+    def __init__(self, opts: PackOptions, width: int, height: int):
+        self.opts, self.width, self.height = opts, width, height
+        self.segments: list[bytes] = []
+        self.lengths: list[int] = []
+        self._open()
+
+    def _open(self):
+        encoder, fmt, options = CODECS[self.opts.codec]
+        self._buf = io.BytesIO()
+        self._out = av.open(self._buf, "w", format=fmt, options=BITEXACT)
+        stream = self._out.add_stream(encoder, rate=self.opts.fps)
+        stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+        stream.thread_count = 1  # parallelism comes from packing videos side by side; 1 thread is deterministic
+        stream.options = {**options, "crf": str(self.opts.crf), "g": str(self.opts.seg_frames),
+                          **({"cpu-used": str(self.opts.speed)} if self.opts.codec == "vp9" else {})}
+        self._stream, self._count = stream, 0
+
+    def _close(self):
+        for packet in self._stream.encode():
+            self._out.mux(packet)
+        self._out.close()
+        self.segments.append(self._buf.getvalue())
+        self.lengths.append(self._count)
+
+    def add(self, frame: av.VideoFrame):
+        if self._count == self.opts.seg_frames:
+            self._close()
+            self._open()
+        frame.pts, frame.time_base = self._count, Fraction(1, self.opts.fps)
+        for packet in self._stream.encode(frame):
+            self._out.mux(packet)
+        self._count += 1
+
+    def finish(self) -> list[bytes]:
+        self._close()
+        return self.segments
+
+
+def _open(path: Path):
+    if not path.exists():
+        raise PackError("open", "file not found")
+    if path.stat().st_size == 0:
+        raise PackError("open", "empty file (0 bytes)")
+    try:
+        return av.open(str(path))
+    except av.FFmpegError as e:
+        raise PackError("open", f"not a readable media file ({e})") from None
+
+
+def _declared_duration(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return container.duration / av.time_base if container.duration else None
+
+
+def _frame_time(frame, index: int, rate: float) -> float:
+    return float(frame.time) if frame.time is not None else index / rate
+
+
+def transcode(path: str | Path, key: str, label: str, label_index: int, opts: PackOptions) -> dict:
+    """Return {"members": {ext: bytes}, "meta": {...}}; raise PackError naming the stage and reason."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise PackError("probe", "no video stream")
+        vstream = container.streams.video[0]
+        astream = container.streams.audio[0] if container.streams.audio else None
+        if astream is None and not opts.allow_no_audio:
+            raise PackError("probe", "no audio stream (pass --allow-no-audio to pack it with silence)")
+        vstream.thread_count = 1
+        src_rate = float(vstream.average_rate or opts.fps)
+        width, height = output_size(vstream.codec_context.width, vstream.codec_context.height, opts.short_side)
+        encoder = SegmentEncoder(opts, width, height)
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=opts.audio_rate)
+        pcm, audio_start = [], None
+        t0 = held = None
+        emitted = n_src = 0
+        last_t = gap = 0.0
+        streams = [vstream] + ([astream] if astream is not None else [])
+        try:
+            for packet in container.demux(streams):
+                for frame in packet.decode():
+                    if packet.stream is astream:
+                        if audio_start is None:
+                            audio_start = float(frame.time or 0.0)
+                        pcm += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+                        continue
+                    t = _frame_time(frame, n_src, src_rate)
+                    t0 = t if t0 is None else t0
+                    # Constant frame rate by sample-and-hold: output frame i shows the last source
+                    # frame whose time, rounded to the output grid, is <= i (FFmpeg's fps filter rule).
+                    # Repeats and drops happen here, so VFR sources map to time correctly.
+                    slot = round((t - t0) * opts.fps)
+                    while held is not None and emitted < slot:
+                        encoder.add(held)
+                        emitted += 1
+                    held = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+                    gap = t - last_t if n_src else gap
+                    last_t, n_src = t, n_src + 1
+            if astream is not None:
+                pcm += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+        except av.FFmpegError as e:
+            raise PackError("decode", f"undecodable ({e})") from None
+        if held is None:
+            raise PackError("decode", "the video stream has no decodable frame")
+        frame_dur = float(1 / src_rate) if gap <= 0 else gap
+        duration = last_t - t0 + frame_dur
+        declared = _declared_duration(container, vstream)
+        if declared and duration < opts.min_decoded_share * declared:
+            raise PackError("decode", f"truncated: decoded {duration:.2f} s of the {declared:.2f} s the file declares")
+        num_frames = max(emitted + 1, round(duration * opts.fps))
+        if num_frames < opts.min_frames:
+            raise PackError("length", f"shorter than one clip: {num_frames} frames at {opts.fps} fps "
+                                      f"< {opts.min_frames}")
+        while emitted < num_frames:
+            encoder.add(held)
+            emitted += 1
+        segments = encoder.finish()
+
+    audio_samples = num_frames * opts.audio_rate // opts.fps
+    if astream is not None and pcm:
+        audio = np.concatenate(pcm)
+        # Put sample 0 at the first video frame: containers often start audio and video apart.
+        shift = round((audio_start - t0) * opts.audio_rate)
+        audio = np.concatenate([np.zeros(shift, np.int16), audio]) if shift > 0 else audio[-shift:]
+    else:
+        if astream is not None:
+            raise PackError("audio", "the audio stream has no decodable frame")
+        audio = np.zeros(0, np.int16)
+    audio_pad = max(0, audio_samples - len(audio))
+    audio = np.pad(audio, (0, audio_pad))[:audio_samples]
+    flac = encode_flac(audio, opts.audio_rate)
+    validate(segments, encoder.lengths, flac, audio_samples, path)
+
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in segments])]).tolist()
+    meta = {
+        "version": FORMAT_VERSION, "key": key, "label": label, "label_index": label_index,
+        "num_frames": num_frames, "fps": opts.fps, "duration": num_frames / opts.fps,
+        "width": width, "height": height, "codec": opts.codec,
+        "has_audio": int(astream is not None), "audio_rate": opts.audio_rate,
+        "audio_samples": audio_samples, "audio_padded_seconds": round(audio_pad / opts.audio_rate, 3),
+        "seg_frames": opts.seg_frames, "num_segments": len(segments), "source": path.name,
+        "source_fps": round(src_rate, 3), "source_width": vstream.codec_context.width,
+        "source_height": vstream.codec_context.height,
+    }
+    members = {
+        "segs": b"".join(segments),
+        "flac": flac,
+        "info": pack_info(meta, offsets),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+        "cls": str(label_index).encode(),
+    }
+    return {"members": members, "meta": meta}
+
+
+def encode_flac(audio: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="flac", options=BITEXACT) as out:
+        stream = out.add_stream("flac", rate=rate, layout="mono")
+        stream.format = "s16"
+        block = 4096
+        for start in range(0, len(audio), block):
+            frame = av.AudioFrame.from_ndarray(audio[None, start:start + block], format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def decode_segment(data: bytes) -> list[np.ndarray]:
+    """RGB frames of one packed segment (used for validation and by the reference loader)."""
+    return [f.to_ndarray(format="rgb24") for f in _iter_frames(data)]
+
+
+def decode_flac(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as c:
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+
+
+def validate(segments: list[bytes], lengths: list[int], flac: bytes, audio_samples: int, path: Path):
+    """Decode what was packed before it counts: a bad member would fail a whole DALI batch later."""
+    try:
+        for k, (seg, n) in enumerate(zip(segments, lengths)):
+            got = sum(1 for _ in _iter_frames(seg))
+            if got != n:
+                raise PackError("validate", f"segment {k} decodes to {got} frames, expected {n}")
+        got = len(decode_flac(flac))
+    except av.FFmpegError as e:
+        raise PackError("validate", f"packed output does not decode ({e})") from None
+    if got != audio_samples:
+        raise PackError("validate", f"audio decodes to {got} samples, expected {audio_samples}")
+
+
+def _iter_frames(data: bytes):
+    with av.open(io.BytesIO(data)) as c:
+        c.streams.video[0].thread_count = 1
+        yield from c.decode(video=0)
+
