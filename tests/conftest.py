@@ -1,0 +1,27 @@
+import numpy as np
+import pytest
+
+from stica.tools.synth import gray_frame, tone, uniform_times, write_av
+
+SIZE = (96, 72)
+
+
+def make_clip(path, seconds=2.0, fps=30.0, value=lambda t: int(40 + 80 * t) % 256, freq=440.0, audio=True, **kw):
+    return write_av(path, lambda t: gray_frame(value(t), SIZE), uniform_times(seconds, fps),
+                    tone(freq) if audio else None, size=SIZE, **kw)
+
+
+@pytest.fixture
+def class_tree(tmp_path):
+    """Two classes of good clips in mixed containers, plus one bad input of each kind the packer reports."""
+    root = tmp_path / "videos"
+    for c, (label, suffix, freq) in enumerate([("drums", ".mp4", 300.0), ("flute", ".webm", 900.0)]):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            make_clip(root / label / f"{label}{i}{suffix}", seconds=1.5 + 0.5 * i, freq=freq, fps=25.0 + 5 * c)
+    bad = root / "flute"
+    (bad / "empty.mp4").write_bytes(b"")
+    (bad / "notes.txt").write_text("not a video")
+    make_clip(bad / "short.mp4", seconds=0.5)
+    make_clip(bad / "silent.mp4", audio=False)
+    return root
