@@ -173,9 +173,12 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
         splits[split] = pack_split(members, split, out, classes, opts, seed, shard_bytes, shard_samples, workers)
 
     failures = [f for s in splits.values() for f in s.pop("failures")]
+    failed_paths = {f["path"] for f in failures}
+    source_bytes = sum(os.path.getsize(s.path) for s in sources if s.path not in failed_paths)
     manifest = {**{k: job[k] for k in ("format_version", "options", "seed", "classes")},
                 "num_classes": len(classes), "splits": splits, "failed": len(failures)}
     _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     _write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
     _write_atomic(out / "classes.txt", "".join(c + "\n" for c in classes).encode())
-    return {"packed": {k: v["samples"] for k, v in splits.items()}, "failures": failures}
+    return {"packed": {k: v["samples"] for k, v in splits.items()}, "failures": failures,
+            "shard_bytes": sum(v["bytes"] for v in splits.values()), "source_bytes": source_bytes}

@@ -6,6 +6,7 @@ import collections
 import os
 import re
 import sys
+import time
 
 from stica.tools.transcode import PackOptions
 
@@ -61,6 +62,7 @@ def pack(args) -> int:
     opts = PackOptions(fps=args.fps, short_side=args.short_side, codec=args.codec, crf=args.crf, speed=args.speed,
                        seg_frames=args.seg_frames, audio_rate=args.audio_rate, min_frames=args.min_frames,
                        allow_no_audio=args.allow_no_audio)
+    start = time.perf_counter()
     result = job.run(sources, args.out, opts, seed=args.seed, shard_bytes=args.shard_size,
                      shard_samples=args.shard_samples, workers=max(1, args.workers))
     packed = ", ".join(f"{split}: {n}" for split, n in result["packed"].items())
@@ -68,6 +70,13 @@ def pack(args) -> int:
     print(f"packed {sum(result['packed'].values())} videos ({packed}); failed {len(result['failures'])}"
           + (f" ({', '.join(f'{k}: {n}' for k, n in sorted(stages.items()))}); see {args.out}/failures.jsonl"
              if stages else ""))
+    packed_total = sum(result["packed"].values())
+    if packed_total:
+        seconds = time.perf_counter() - start
+        print(f"{seconds:.1f} s in this run, {packed_total / seconds:.2f} videos/s with {args.workers} workers "
+              f"({packed_total / seconds / args.workers:.2f} per worker; a resumed run counts earlier shards too); "
+              f"{result['shard_bytes'] / packed_total / 1e3:.0f} kB per video; "
+              f"shards / sources = {result['shard_bytes'] / max(1, result['source_bytes']):.3f}")
     return 1 if result["failures"] else 0
 
 
