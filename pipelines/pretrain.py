@@ -1,0 +1,53 @@
+"""The pretraining graph: one random clip per video per epoch, `views` augmented RGB views of
+it from a single decode, and the log-mel spectrogram of the audio that plays with it."""
+from __future__ import annotations
+
+from nvidia.dali import fn, pipeline_def, types
+
+from stica.pipelines.clips import audio_window, decode_clip, field, log_mel, read_shards
+
+
+def video_view(clip, cfg, out_dtype):
+    """One SimCLR-style view. Every random value is drawn once per sample, so all frames of a
+    clip get the same crop, flip and colour change; calling this twice gives independent views.
+
+    Deliberate difference from the released code: colour jitter runs on [0, 255] pixels before
+    normalisation (the released code jitters the normalised tensor, where 'brightness' pulls
+    towards the mean grey), and grayscale uses RGB weights (the released code swaps R and B).
+    """
+    x = fn.random_resized_crop(clip, size=[cfg.crop_size] * 2, random_area=list(cfg.crop_scale),
+                               random_aspect_ratio=list(cfg.crop_ratio), antialias=False)
+    flip = lambda p: fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+    jitter, gray = flip(cfg.jitter_prob), flip(cfg.grayscale_prob)
+    # A zero amount turns that jitter off (DALI rejects an empty random range).
+    shift = lambda amount: jitter * fn.random.uniform(range=[-amount, amount]) if amount > 0 else 0.0
+    factor = lambda amount: 1.0 + shift(amount)
+    x = fn.color_twist(x, brightness=factor(cfg.brightness), contrast=factor(cfg.contrast),
+                       saturation=factor(cfg.saturation) * (1.0 - gray),
+                       hue=shift(cfg.hue))
+    if fn.random.coin_flip(probability=cfg.blur_prob):
+        x = fn.gaussian_blur(x, window_size=cfg.blur_kernel, sigma=fn.random.uniform(range=list(cfg.blur_sigma)))
+    return fn.crop_mirror_normalize(x, mirror=fn.random.coin_flip(probability=cfg.flip_prob),
+                                    mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std],
+                                    dtype=out_dtype, output_layout="CFHW")
+
+
+@pipeline_def(enable_conditionals=True)
+def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int, num_shards: int, device: str):
+    segs, flac, info, key = read_shards(tars, idxs, shard_id, num_shards, shuffle=True,
+                                        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + shard_id)
+    T = cfg.num_frames
+    span = fn.cast(field(info, "num_frames") - T + 1, dtype=types.FLOAT)
+    start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32)
+    start = start * fn.cast(span > 0, dtype=types.INT32)  # videos shorter than a clip start at 0 (edge-padded)
+    clip = decode_clip(segs, info, start, T, seg_frames, device)
+    out_dtype = types.FLOAT16 if (cfg.fp16 and device == "mixed") else types.FLOAT
+    views = [video_view(clip, cfg, out_dtype) for _ in range(cfg.views)]
+
+    audio = audio_window(flac, info, start, fps, T / fps, cfg.audio.rate)
+    audio = audio * fn.random.uniform(range=list(cfg.audio.volume_jitter))
+    if device == "mixed":
+        audio = audio.gpu()
+    spec = log_mel(audio, cfg.audio)
+    label = field(info, "label_index")
+    return (*views, spec, label, field(info, "has_audio"), start, key)
