@@ -24,11 +24,6 @@ def keys_from_source_info(raw: torch.Tensor) -> list[str]:
     return out
 
 
-def shard_options(root) -> tuple[dict, str]:
-    manifest = load_manifest(root)
-    return manifest["options"], manifest["options"]["codec"]
-
-
 class DaliLoader:
     """Iterates one epoch per `iter()`; every rank yields len(self) batches (the reader pads
     its shard to the longest one and incomplete batches are dropped), so DDP ranks stay in step."""
@@ -37,7 +32,8 @@ class DaliLoader:
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        opts, codec = shard_options(cfg.shards)
+        opts = load_manifest(cfg.shards)["options"]
+        codec = opts["codec"]
         self.device = resolve_device(cfg.device)
         if self.device == "cpu" and codec != "vp9":
             raise ValueError(f"{cfg.shards}: {codec} shards decode only on the GPU (data.device=mixed); "
@@ -61,8 +57,11 @@ class DaliLoader:
             self.video_names = ["video"]
             names = ["video", "audio", "label", "has_audio", "start", "key"]
         pipe.build()
+        # Training drops the incomplete last batch (equal step counts on every rank); evaluation
+        # keeps every video once (PARTIAL leaves out the reader's padding duplicates).
+        policy = LastBatchPolicy.DROP if kind == "pretrain" else LastBatchPolicy.PARTIAL
         self._it = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=True,
-                                       last_batch_policy=LastBatchPolicy.DROP)
+                                       last_batch_policy=policy)
 
     def __len__(self) -> int:
         return len(self._it)
@@ -74,3 +73,15 @@ class DaliLoader:
             out["label"], out["has_audio"] = out["label"].long(), out["has_audio"].bool()
             out["key"] = keys_from_source_info(batch["key"])
             yield out
+
+
+def build_loader(cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
+                 backend: str = "dali", workers: int = 2):
+    """backend: 'dali' (the product) or 'reference' (PyAV + torch in DataLoader workers)."""
+    if backend == "dali":
+        return DaliLoader(cfg, rank, world, local_rank, kind)
+    if backend == "reference":
+        from stica.pipelines.reference import ReferenceLoader
+
+        return ReferenceLoader(cfg, rank, world, local_rank, kind, workers=workers)
+    raise ValueError(f"loader backend must be dali or reference, not {backend!r}")

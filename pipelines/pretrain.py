@@ -45,7 +45,9 @@ def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int,
     views = [video_view(clip, cfg, out_dtype) for _ in range(cfg.views)]
 
     audio = audio_window(flac, info, start, fps, T / fps, cfg.audio.rate)
-    audio = audio * fn.random.uniform(range=list(cfg.audio.volume_jitter))
+    lo, hi = cfg.audio.volume_jitter
+    if hi > lo:
+        audio = audio * fn.random.uniform(range=[lo, hi])
     if device == "mixed":
         audio = audio.gpu()
     spec = log_mel(audio, cfg.audio)

@@ -73,3 +73,14 @@ def shard_paths(root: str | Path, split: str) -> tuple[list[str], list[str]]:
     shards = load_manifest(root)["splits"][split]["shards"]
     tars = [str(root / s["name"]) for s in shards]
     return tars, [t[:-len(".tar")] + ".idx" for t in tars]
+
+
+def read_index(idx_path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """A DALI wds2idx index: per sample, its key and {ext: (offset, size)} inside the tar."""
+    lines = Path(idx_path).read_text().splitlines()
+    samples = []
+    for line in lines[1:]:
+        f = line.split()
+        members = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+        samples.append((f[3].split(".", 1)[0], members))
+    return samples

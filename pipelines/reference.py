@@ -1,0 +1,216 @@
+"""The conventional loader: PyAV decoding and torch augmentations in DataLoader worker
+processes, behind the same interface as DaliLoader. It is the baseline every throughput
+figure is compared with, and the fallback where DALI is not installed.
+
+Samples are read by the shards' index files (random access into the tars, as webdataset's
+`wids` does) rather than by streaming whole shards, so a DistributedSampler can give every
+rank the same number of batches and each sample once; decoding touches only the segments a
+clip needs, as in the DALI graph, so the comparison is between decode-and-augment engines.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from stica.shards import load_manifest, parse_info, read_index, shard_paths, split_segments
+from stica.tools.transcode import decode_segment
+
+
+def hz_to_mel(f):
+    return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+
+
+def mel_filters(n_mels: int, nfft: int, rate: int) -> torch.Tensor:
+    """Triangular HTK-mel filters evaluated at the FFT bin frequencies, unnormalised (what
+    DALI's mel_filter_bank(mel_formula='htk', normalize=False) computes)."""
+    edges = 700.0 * (10 ** (np.linspace(0, hz_to_mel(rate / 2), n_mels + 2) / 2595.0) - 1.0)
+    freqs = np.arange(nfft // 2 + 1) * rate / nfft
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up, down = (freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)
+    return torch.from_numpy(np.clip(np.minimum(up, down), 0, None)).float()
+
+
+def log_mel(audio: torch.Tensor, cfg, filters: torch.Tensor) -> torch.Tensor:
+    """The torch twin of pipelines.clips.log_mel: 1 x n_mels x frames."""
+    win, hop = round(cfg.win_seconds * cfg.rate), round(cfg.hop_seconds * cfg.rate)
+    if cfg.preemphasis:
+        audio = torch.cat([audio[:1], audio[1:] - cfg.preemphasis * audio[:-1]])
+    frames = audio.unfold(0, win, hop)
+    window = torch.ones(win) if cfg.window == "rect" else torch.hann_window(win)
+    power = torch.fft.rfft(frames * window, n=cfg.nfft).abs() ** 2 / cfg.nfft
+    mel = filters @ power.T
+    return torch.log(mel.clamp_min(np.finfo(np.float64).eps))[None]
+
+
+def random_resized_box(rng, height, width, scale, ratio):
+    """A crop box of random area share and aspect ratio, inside the frame (10 tries, then centre)."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def gaussian_blur(x: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """x: T,C,H,W. Separable blur with reflected borders."""
+    t = torch.arange(kernel, dtype=torch.float32) - kernel // 2
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum()).to(x.dtype)
+    c = x.shape[1]
+    x = F.pad(x, [kernel // 2] * 4, mode="reflect")
+    x = F.conv2d(x, g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+
+
+def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
+    """frames: T,H,W,3 uint8 -> 3,T,S,S float, one random draw per clip (as in the DALI graph)."""
+    x = frames.permute(0, 3, 1, 2).float()
+    top, left, h, w = random_resized_box(rng, x.shape[2], x.shape[3], cfg.crop_scale, cfg.crop_ratio)
+    x = F.interpolate(x[:, :, top:top + h, left:left + w], size=(cfg.crop_size,) * 2, mode="bilinear",
+                      align_corners=False)
+    if rng.random() < cfg.jitter_prob:
+        b, c, s = (1 + rng.uniform(-a, a) for a in (cfg.brightness, cfg.contrast, cfg.saturation))
+        x = x * b
+        x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * c + x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - grayscale(x)) * s + grayscale(x)
+    if rng.random() < cfg.grayscale_prob:
+        x = grayscale(x).expand_as(x)
+    x = x.clamp(0, 255)
+    if rng.random() < cfg.blur_prob:
+        x = gaussian_blur(x, cfg.blur_kernel, rng.uniform(*cfg.blur_sigma))
+    if rng.random() < cfg.flip_prob:
+        x = x.flip(-1)
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
+
+
+def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int) -> np.ndarray:
+    meta, _ = parse_info(info)
+    seg = meta["seg_frames"]
+    first, last = start // seg, min((start + num_frames - 1) // seg, meta["num_segments"] - 1)
+    segments = split_segments(segs, info)
+    frames = [f for k in range(first, last + 1) for f in decode_segment(segments[k])]
+    frames = frames[start - first * seg:][:num_frames]
+    return np.stack(frames + [frames[-1]] * (num_frames - len(frames)))  # edge padding, as DALI's decoder
+
+
+def decode_audio_window(flac: bytes, start: int, fps: int, seconds: float, rate: int) -> torch.Tensor:
+    with av.open(io.BytesIO(flac)) as c:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]).astype(np.float32)
+    a0, n = round(start * rate / fps), round(seconds * rate)
+    window = audio[a0:a0 + n]
+    return torch.from_numpy(np.pad(window, (0, n - len(window))))
+
+
+class ShardSamples(Dataset):
+    def __init__(self, cfg, kind: str, seed: int):
+        self.cfg, self.kind, self.seed, self.epoch = cfg, kind, seed, 0
+        self.fps = load_manifest(cfg.shards)["options"]["fps"]
+        tars, idxs = shard_paths(cfg.shards, cfg.split)
+        self.samples = [(tar, key, members) for tar, idx in zip(tars, idxs) for key, members in read_index(idx)]
+        self.filters = mel_filters(cfg.audio.n_mels, cfg.audio.nfft, cfg.audio.rate)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _read(self, i):
+        tar, key, members = self.samples[i]
+        with open(tar, "rb") as f:
+            out = {}
+            for ext in ("segs", "flac", "info"):
+                f.seek(members[ext][0])
+                out[ext] = f.read(members[ext][1])
+        return key, out
+
+    def __getitem__(self, i):
+        key, m = self._read(i)
+        meta, _ = parse_info(m["info"])
+        cfg, T = self.cfg, self.cfg.num_frames
+        rng = np.random.default_rng([self.seed, self.epoch, i])  # same draws whichever worker runs it
+        span = max(0, meta["num_frames"] - T)
+        if self.kind == "pretrain":
+            starts = [int(rng.integers(0, span + 1))]
+        else:
+            starts = [int(span * j / max(1, cfg.eval_clips - 1)) for j in range(cfg.eval_clips)]
+        clips = [torch.from_numpy(decode_clip(m["segs"], m["info"], s, T)) for s in starts]
+        audio = [log_mel(decode_audio_window(m["flac"], s, self.fps, T / self.fps, cfg.audio.rate)
+                         * (rng.uniform(*cfg.audio.volume_jitter) if self.kind == "pretrain" else 1.0),
+                         cfg.audio, self.filters) for s in starts]
+        out = {"label": meta["label_index"], "has_audio": bool(meta["has_audio"]), "key": key}
+        if self.kind == "pretrain":
+            out.update({f"view{v}": video_view(clips[0], cfg, rng) for v in range(cfg.views)})
+            out.update(audio=audio[0], start=starts[0])
+        else:
+            out.update(video=torch.stack([c for clip in clips for c in eval_crops(clip, cfg)]),
+                       audio=torch.stack(audio), start=torch.tensor(starts))
+        return out
+
+
+def eval_crops(frames: torch.Tensor, cfg) -> list[torch.Tensor]:
+    x = frames.permute(0, 3, 1, 2).float()
+    h, w = x.shape[2:]
+    size = cfg.crop_size
+    scale = size / min(h, w)
+    x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True,
+                      align_corners=False)
+    h, w = x.shape[2:]
+    positions = [0.0, 0.5, 1.0] if cfg.eval_crops == 3 else [0.5]
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+    crops = []
+    for p in positions:
+        top, left = round((h - size) * p), round((w - size) * p)
+        crops.append(((x[:, :, top:top + size, left:left + size] - mean) / std).permute(1, 0, 2, 3))
+    return crops
+
+
+class ReferenceLoader:
+    def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
+                 workers: int = 2):
+        self.dataset = ShardSamples(cfg, kind, seed=cfg.seed)
+        self.kind = kind
+        self.views = cfg.views if kind == "pretrain" else 1
+        # Padding (drop_last=False) gives every rank the same sample count, as DALI's pad_last_batch.
+        self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=kind == "pretrain",
+                                          seed=cfg.seed, drop_last=False)
+        self.loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
+                                 num_workers=workers, drop_last=kind == "pretrain",
+                                 persistent_workers=False, collate_fn=_collate)
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        self.dataset.epoch = self.epoch
+        self.epoch += 1
+        for batch in self.loader:
+            if self.kind == "pretrain":
+                batch["video"] = [batch.pop(f"view{v}") for v in range(self.views)]
+            else:
+                batch["video"] = [batch["video"]]
+            yield batch
+
+
+def _collate(samples):
+    out = {}
+    for k in samples[0]:
+        values = [s[k] for s in samples]
+        out[k] = values if k == "key" else torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
+    return out
