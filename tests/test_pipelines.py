@@ -1,0 +1,161 @@
+"""DALI pipelines and the reference loader on generated, time-coded shards (CPU)."""
+import numpy as np
+import pytest
+import torch
+
+from stica.config import load_config
+from stica.pipelines.loader import build_loader
+from stica.pipelines.reference import mel_filters
+from stica.tools.shard import main as shard_main
+from stica.tools.synth import write_av
+
+SIZE = (96, 72)
+SECONDS = 4.0
+CHIRP = lambda t: 200 + 400 * t  # Hz: the tone's pitch encodes time, as the frame's gray level does
+level = lambda i: 10 + 2 * i  # gray level of frame i
+
+
+def chirp(t):
+    return 0.5 * np.sin(2 * np.pi * (200 * t + 200 * t ** 2))  # instantaneous frequency CHIRP(t)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("timecoded")
+    for c in ("a", "b"):
+        (root / "videos" / c).mkdir(parents=True)
+        for i in range(4):
+            write_av(root / "videos" / c / f"{c}{i}.mkv",
+                     lambda t: np.full((SIZE[1], SIZE[0], 3), level(round(t * 30)), np.uint8),
+                     [j / 30 for j in range(int(SECONDS * 30))], chirp, size=SIZE)
+    shard_main(["pack", "--root", str(root / "videos"), "--out", str(root / "shards"), "--short-side", "64",
+                "--shard-samples", "3", "--workers", "2"])
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def static_shards(tmp_path_factory):
+    """A still, textured picture: any difference between frames of a view is augmentation's doing."""
+    root = tmp_path_factory.mktemp("static")
+    yy, xx = np.mgrid[0:SIZE[1], 0:SIZE[0]]
+    picture = np.stack([xx * 255 // SIZE[0], yy * 255 // SIZE[1], (xx // 12 + yy // 12) % 2 * 200], -1).astype(np.uint8)
+    (root / "videos" / "still").mkdir(parents=True)
+    for i in range(4):
+        write_av(root / "videos" / "still" / f"s{i}.mkv", lambda t: picture, [j / 30 for j in range(60)],
+                 chirp, size=SIZE)
+    shard_main(["pack", "--root", str(root / "videos"), "--out", str(root / "shards"), "--short-side", "64"])
+    return root / "shards"
+
+
+def config(shards, *overrides):
+    return load_config("configs/pretrain_kinetics.yaml",
+                       [f"data.shards={shards}", "data.batch_size=2", "data.threads=2", *overrides]).data
+
+
+NO_COLOUR = ["data.jitter_prob=0", "data.grayscale_prob=0", "data.blur_prob=0", "data.flip_prob=0",
+             "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.3333,1.3334]", "data.mean=[0,0,0]",
+             "data.std=[0.00392156862745098,0.00392156862745098,0.00392156862745098]"]  # output in pixel levels
+
+
+def peak_hz(spec_column, cfg):
+    """Centre frequency of the loudest mel filter."""
+    filters = mel_filters(cfg.audio.n_mels, cfg.audio.nfft, cfg.audio.rate)
+    freqs = torch.arange(filters.shape[1]) * cfg.audio.rate / cfg.audio.nfft
+    centres = (filters * freqs).sum(1) / filters.sum(1).clamp_min(1e-9)
+    return float(centres[int(torch.argmax(spec_column))])
+
+
+def test_pretrain_batch_shapes_and_types(shards):
+    cfg = config(shards)
+    batch = next(iter(build_loader(cfg)))
+    assert [tuple(v.shape) for v in batch["video"]] == [(2, 3, 30, 112, 112)] * 2
+    assert batch["video"][0].dtype == torch.float32
+    assert tuple(batch["audio"].shape) == (2, 1, 257, 99) and batch["audio"].dtype == torch.float32
+    assert batch["label"].dtype == torch.int64 and set(batch["label"].tolist()) <= {0, 1}
+    assert all(k[0] in "ab" and k[0] == "ab"[l] for k, l in zip(batch["key"], batch["label"].tolist()))
+    assert batch["has_audio"].all()
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_clip_frames_and_audio_window_follow_the_clip_start(shards, backend):
+    cfg = config(shards, *NO_COLOUR, "data.views=1", "data.audio.volume_jitter=[1.0,1.0]")
+    seen = 0
+    for batch in build_loader(cfg, backend=backend, workers=0):
+        for i, start in enumerate(batch["start"].tolist()):
+            frames = batch["video"][0][i].mean(dim=(0, 2, 3))  # gray level of each of the 30 frames
+            np.testing.assert_allclose(frames.numpy(), [level(start + j) for j in range(30)], atol=3)
+            # The first spectrogram column covers the 20 ms after the clip's first frame.
+            expected = CHIRP(start / 30 + 0.01)
+            assert abs(peak_hz(batch["audio"][i, 0, :, 0], cfg) - expected) < 40, (start, expected)
+            expected_end = CHIRP(start / 30 + 0.98)
+            assert abs(peak_hz(batch["audio"][i, 0, :, -1], cfg) - expected_end) < 40
+            seen += 1
+    assert seen == 8
+
+
+def test_each_view_is_consistent_over_time_and_views_differ(static_shards):
+    batch = next(iter(build_loader(config(static_shards))))
+    v1, v2 = batch["video"]
+    for view in (v1, v2):
+        per_frame = (view - view[:, :, :1]).abs().mean(dim=(1, 3, 4))  # [B, T]: change from frame 0
+        assert per_frame.max() < 0.05
+    assert (v1 - v2).abs().mean(dim=(1, 2, 3, 4)).min() > 0.2
+
+
+def test_two_ranks_cover_every_sample_once_with_equal_batch_counts(shards):
+    keys, counts = [], []
+    for rank in range(2):
+        loader = build_loader(config(shards), rank=rank, world=2)
+        batches = list(loader)
+        counts.append((len(loader), len(batches)))
+        keys += [k for b in batches for k in b["key"]]
+    assert counts == [(2, 2), (2, 2)]
+    assert sorted(keys) == sorted(f"{c}{i}" for c in "ab" for i in range(4))
+
+
+def test_uneven_split_still_gives_equal_batch_counts(shards):
+    # 8 videos over 3 ranks: DALI sizes each rank's epoch by floor(8 / 3) = 2 samples.
+    loaders = [build_loader(config(shards), rank=r, world=3) for r in range(3)]
+    assert [(len(l), len(list(l))) for l in loaders] == [(1, 1)] * 3
+
+
+def test_same_seed_same_batch_and_another_seed_differs(shards):
+    first = lambda *o: next(iter(build_loader(config(shards, *o))))
+    a, b, c = first(), first(), first("data.seed=5")
+    torch.testing.assert_close(a["video"][0], b["video"][0])
+    torch.testing.assert_close(a["audio"], b["audio"])
+    assert not torch.equal(a["video"][0], c["video"][0])
+
+
+def test_sixty_frame_clips(shards):
+    cfg = config(shards, "data.num_frames=60", *NO_COLOUR)
+    batch = next(iter(build_loader(cfg)))
+    assert tuple(batch["video"][0].shape) == (2, 3, 60, 112, 112)
+    assert tuple(batch["audio"].shape) == (2, 1, 257, 199)
+    start = int(batch["start"][0])
+    np.testing.assert_allclose(batch["video"][0][0].mean(dim=(0, 2, 3)).numpy(),
+                               [level(start + j) for j in range(60)], atol=3)
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_evaluation_takes_uniform_clips_and_three_crops(shards, backend):
+    cfg = config(shards, *NO_COLOUR, "data.eval_clips=4")
+    batch = next(iter(build_loader(cfg, kind="eval", backend=backend, workers=0)))
+    video = batch["video"][0]
+    assert tuple(video.shape) == (2, 4 * 3, 3, 30, 112, 112)
+    expected_starts = [0, 30, 60, 90]  # 120 frames, 30-frame clips: floor(j * 90 / 3)
+    assert batch["start"].tolist() == [expected_starts] * 2
+    for j, s in enumerate(expected_starts):
+        for crop in range(3):
+            np.testing.assert_allclose(video[0, 3 * j + crop].mean(dim=(0, 2, 3)).numpy(),
+                                       [level(s + t) for t in range(30)], atol=3)
+    assert tuple(batch["audio"].shape) == (2, 4, 1, 257, 99)
+
+
+def test_reference_and_dali_log_mel_agree(shards):
+    cfg = config(shards, "data.eval_clips=2", "data.eval_crops=1")
+    dali = next(iter(build_loader(cfg, kind="eval")))
+    ref = next(iter(build_loader(cfg, kind="eval", backend="reference", workers=0)))
+    assert dali["key"] == ref["key"]
+    loud = dali["audio"] > -20  # compare where there is signal; the floor is identical by construction
+    torch.testing.assert_close(dali["audio"][loud], ref["audio"][loud], atol=0.05, rtol=0.01)
