@@ -1,0 +1,71 @@
+"""Loader measurements for stica-bench: clips/s delivered, and what a clip costs by its start."""
+from __future__ import annotations
+
+import statistics
+import time
+
+from stica.config import load_config
+from stica.pipelines.loader import build_loader
+
+DEFAULT_CONFIG = "configs/pretrain_kinetics.yaml"
+
+
+def summarize(samples: list[float]) -> dict:
+    """Median and spread (min, max) of repeated measurements."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def loader_throughput(shards: str, backend: str, parallel: int, batch_size: int = 8, batches: int = 10,
+                      repeats: int = 3, warmup: int = 2, overrides: list[str] = (), config: str = DEFAULT_CONFIG) -> dict:
+    """Clips/s (two views + spectrogram) after warm-up; `parallel` is DALI threads or DataLoader workers."""
+    cfg = load_config(config, [f"data.shards={shards}", f"data.batch_size={batch_size}",
+                               f"data.threads={parallel}", *overrides]).data
+    loader = build_loader(cfg, backend=backend, workers=parallel)
+    rates = []
+    stream = _forever(loader)
+    for _ in range(warmup):
+        next(stream)
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        rates.append(batches * batch_size / (time.perf_counter() - t))
+    return {"backend": backend, "parallel": parallel, "batch_size": batch_size, "clips_per_s": summarize(rates),
+            "device": getattr(loader, "device", "cpu")}
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: int = 8, threads: int = 1,
+              repeats: int = 5) -> list[dict]:
+    """Decode-only cost of a clip starting at each of `starts` (clamped to the video), ms per clip."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    from stica.pipelines.clips import decode_clip, field, read_shards
+    from stica.shards import load_manifest, shard_paths
+
+    seg_frames = load_manifest(shards)["options"]["seg_frames"]
+    tars, idxs = shard_paths(shards, "train")
+    rows = []
+    for start in starts:
+        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, exec_dynamic=True)
+        def pipe():
+            segs, _, info, _ = read_shards(tars, idxs, 0, 1, shuffle=False, shuffle_buffer=1, seed=0)
+            s = fn.reshape(fn.constant(idata=[start], dtype=types.INT32), shape=[])
+            s = dmath.min(s, field(info, "num_frames") - num_frames)
+            return decode_clip(segs, info, s, num_frames, seg_frames, "cpu")
+
+        p = pipe()
+        p.build()
+        p.run()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            p.run()
+            times.append((time.perf_counter() - t) / batch_size * 1000)
+        rows.append({"start": start, "seg_frames": seg_frames, "ms_per_clip": summarize(times)})
+    return rows
