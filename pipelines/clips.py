@@ -15,13 +15,13 @@ from stica.shards import INFO, INFO_OFFSETS
 KEY_BYTES = 1024  # source_info ("path:offset:KEY.segs") padded to a fixed size, so batches stack
 
 
-def read_shards(tars, idxs, shard_id, num_shards, shuffle: bool, shuffle_buffer: int, seed: int):
+def read_shards(tars, idxs, shard_id, num_shards, shuffle: bool, shuffle_buffer: int):
     """Every rank sees the same number of samples (pad_last_batch) so DDP ranks stay in step."""
     segs, flac, info = fn.readers.webdataset(
         paths=tars, index_paths=idxs, ext=["segs", "flac", "info"],
         dtypes=[types.UINT8, types.UINT8, types.INT32], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=shuffle_buffer,
-        pad_last_batch=True, seed=seed, name="reader")
+        pad_last_batch=True, name="reader")
     key = fn.pad(fn.get_property(segs, key="source_info"), axes=[0], shape=[KEY_BYTES])
     return segs, flac, info, key
 

@@ -26,62 +26,82 @@ def keys_from_source_info(raw: torch.Tensor) -> list[str]:
 
 class DaliLoader:
     """Iterates one epoch per `iter()`; every rank yields len(self) batches (the reader pads
-    its shard to the longest one and incomplete batches are dropped), so DDP ranks stay in step."""
+    its shard to the longest one and incomplete batches are dropped), so DDP ranks stay in step.
 
-    def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain"):
+    Each epoch gets a pipeline of its own, seeded by (seed, rank, epoch) and reading shard
+    (rank + epoch) % world, so data rotates across ranks between epochs and any epoch can be
+    rebuilt exactly. DALI 2.4 cannot checkpoint fn.decoders.video, so resuming mid-epoch
+    replays that epoch's first batches through the loader (no model work) and drops them.
+    """
+
+    def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
+                 state: dict | None = None):
+        self.cfg, self.rank, self.world, self.local_rank, self.kind = cfg, rank, world, local_rank, kind
+        self.opts = load_manifest(cfg.shards)["options"]
+        self.device = resolve_device(cfg.device)
+        if self.device == "cpu" and self.opts["codec"] != "vp9":
+            raise ValueError(f"{cfg.shards}: {self.opts['codec']} shards decode only on the GPU (data.device=mixed);"
+                             " DALI's CPU decoder takes VP8, VP9 and MJPEG")
+        self.video_names = [f"view{i}" for i in range(cfg.views)] if kind == "pretrain" else ["video"]
+        self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
+        self._next = self._build(self.epoch)
+        self._length = len(self._next)
+
+    def _build(self, epoch: int):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        opts = load_manifest(cfg.shards)["options"]
-        codec = opts["codec"]
-        self.device = resolve_device(cfg.device)
-        if self.device == "cpu" and codec != "vp9":
-            raise ValueError(f"{cfg.shards}: {codec} shards decode only on the GPU (data.device=mixed); "
-                             "DALI's CPU decoder takes VP8, VP9 and MJPEG")
+        cfg = self.cfg
         tars, idxs = shard_paths(cfg.shards, cfg.split)
         common = dict(batch_size=cfg.batch_size, num_threads=cfg.threads, prefetch_queue_depth=cfg.prefetch,
-                      device_id=local_rank if self.device == "mixed" else None, seed=cfg.seed + 7919 * rank,
-                      exec_dynamic=True)
-        if kind == "pretrain":
+                      device_id=self.local_rank if self.device == "mixed" else None, exec_dynamic=True,
+                      seed=(cfg.seed + 7919 * self.rank + 104729 * epoch) % 2**31)
+        args = (tars, idxs, cfg, self.opts["seg_frames"], self.opts["fps"])
+        if self.kind == "pretrain":
             from stica.pipelines.pretrain import pretrain_pipeline
 
-            pipe = pretrain_pipeline(tars, idxs, cfg, opts["seg_frames"], opts["fps"], rank, world, self.device,
-                                     **common)
-            self.video_names = [f"view{i}" for i in range(cfg.views)]
-            names = self.video_names + ["audio", "label", "has_audio", "start", "key"]
+            pipe = pretrain_pipeline(*args, (self.rank + epoch) % self.world, self.world, self.device, **common)
         else:
             from stica.pipelines.evaluation import eval_pipeline
 
-            pipe = eval_pipeline(tars, idxs, cfg, opts["seg_frames"], opts["fps"], rank, world, self.device,
-                                 **common)
-            self.video_names = ["video"]
-            names = ["video", "audio", "label", "has_audio", "start", "key"]
+            pipe = eval_pipeline(*args, self.rank, self.world, self.device, **common)
         pipe.build()
+        names = self.video_names + ["audio", "label", "has_audio", "start", "key"]
         # Training drops the incomplete last batch (equal step counts on every rank); evaluation
         # keeps every video once (PARTIAL leaves out the reader's padding duplicates).
-        policy = LastBatchPolicy.DROP if kind == "pretrain" else LastBatchPolicy.PARTIAL
-        self._it = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=True,
-                                       last_batch_policy=policy)
+        policy = LastBatchPolicy.DROP if self.kind == "pretrain" else LastBatchPolicy.PARTIAL
+        return DALIGenericIterator([pipe], names, reader_name="reader", last_batch_policy=policy)
 
     def __len__(self) -> int:
-        return len(self._it)
+        return self._length
+
+    def state_dict(self) -> dict:
+        """Where the next batch comes from: a loader built with this state continues exactly."""
+        return {"epoch": self.epoch, "batch": self.batch}
 
     def __iter__(self):
-        for (batch,) in self._it:
+        iterator, self._next = self._next or self._build(self.epoch), None
+        skip = self.batch
+        for i, (batch,) in enumerate(iterator):
+            if i < skip:
+                continue
+            self.batch = i + 1
             out = {k: v for k, v in batch.items() if k not in self.video_names and k != "key"}
             out["video"] = [batch[k] for k in self.video_names]
             out["label"], out["has_audio"] = out["label"].long(), out["has_audio"].bool()
             out["key"] = keys_from_source_info(batch["key"])
             yield out
+        self.epoch, self.batch = self.epoch + 1, 0
 
 
 def build_loader(cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
-                 backend: str = "dali", workers: int = 2):
-    """backend: 'dali' (the product) or 'reference' (PyAV + torch in DataLoader workers)."""
+                 backend: str = "dali", workers: int = 2, state: dict | None = None):
+    """backend: 'dali' (the product) or 'reference' (PyAV + torch in DataLoader workers);
+    state: a loader.state_dict() to continue from (resuming a run)."""
     if backend == "dali":
-        return DaliLoader(cfg, rank, world, local_rank, kind)
+        return DaliLoader(cfg, rank, world, local_rank, kind, state=state)
     if backend == "reference":
         from stica.pipelines.reference import ReferenceLoader
 
-        return ReferenceLoader(cfg, rank, world, local_rank, kind, workers=workers)
+        return ReferenceLoader(cfg, rank, world, local_rank, kind, workers=workers, state=state)
     raise ValueError(f"loader backend must be dali or reference, not {backend!r}")

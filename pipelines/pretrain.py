@@ -35,7 +35,7 @@ def video_view(clip, cfg, out_dtype):
 @pipeline_def(enable_conditionals=True)
 def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int, num_shards: int, device: str):
     segs, flac, info, key = read_shards(tars, idxs, shard_id, num_shards, shuffle=True,
-                                        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + shard_id)
+                                        shuffle_buffer=cfg.shuffle_buffer)
     T = cfg.num_frames
     span = fn.cast(field(info, "num_frames") - T + 1, dtype=types.FLOAT)
     start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32)

@@ -181,31 +181,36 @@ def eval_crops(frames: torch.Tensor, cfg) -> list[torch.Tensor]:
 
 class ReferenceLoader:
     def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
-                 workers: int = 2):
+                 workers: int = 2, state: dict | None = None):
         self.dataset = ShardSamples(cfg, kind, seed=cfg.seed)
-        self.kind = kind
+        self.kind, self.batch_size, self.workers = kind, cfg.batch_size, workers
         self.views = cfg.views if kind == "pretrain" else 1
         # Padding (drop_last=False) gives every rank the same sample count, as DALI's pad_last_batch.
         self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=kind == "pretrain",
                                           seed=cfg.seed, drop_last=False)
-        self.loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
-                                 num_workers=workers, drop_last=kind == "pretrain",
-                                 persistent_workers=False, collate_fn=_collate)
-        self.epoch = 0
+        self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
 
     def __len__(self):
-        return len(self.loader)
+        n = len(self.sampler)
+        return n // self.batch_size if self.kind == "pretrain" else -(-n // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)
-        self.dataset.epoch = self.epoch
-        self.epoch += 1
-        for batch in self.loader:
+        self.dataset.epoch = self.epoch  # read by the workers forked below
+        indices = list(self.sampler)[self.batch * self.batch_size:]  # resuming: skip without decoding
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, num_workers=self.workers,
+                            drop_last=self.kind == "pretrain", collate_fn=_collate)
+        for batch in loader:
+            self.batch += 1
             if self.kind == "pretrain":
                 batch["video"] = [batch.pop(f"view{v}") for v in range(self.views)]
             else:
                 batch["video"] = [batch["video"]]
             yield batch
+        self.epoch, self.batch = self.epoch + 1, 0
 
 
 def _collate(samples):

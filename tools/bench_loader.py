@@ -54,7 +54,7 @@ def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: 
     for start in starts:
         @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, exec_dynamic=True)
         def pipe():
-            segs, _, info, _ = read_shards(tars, idxs, 0, 1, shuffle=False, shuffle_buffer=1, seed=0)
+            segs, _, info, _ = read_shards(tars, idxs, 0, 1, shuffle=False, shuffle_buffer=1)
             s = fn.reshape(fn.constant(idata=[start], dtype=types.INT32), shape=[])
             s = dmath.min(s, field(info, "num_frames") - num_frames)
             return decode_clip(segs, info, s, num_frames, seg_frames, "cpu")

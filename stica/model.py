@@ -1,0 +1,194 @@
+"""STiCA networks: R(2+1)D-18 video trunk, ResNet-9 audio trunk, temporal transformer pooling,
+MLP heads, and the module that turns trunk feature maps (whole or feature-cropped) into
+embeddings. Layouts follow torchvision's VideoResNet and ResNet (as the released code copies
+them), written here so the project needs no torchvision."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Conv2Plus1D(nn.Sequential):
+    """A 3x3x3 convolution factored into 1x3x3 spatial then 3x1x1 temporal."""
+
+    def __init__(self, cin: int, cout: int, mid: int, stride: int = 1):
+        super().__init__(
+            nn.Conv3d(cin, mid, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
+            nn.BatchNorm3d(mid), nn.ReLU(inplace=True),
+            nn.Conv3d(mid, cout, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False))
+
+
+class VideoBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        # Mid-channels chosen so the factored pair has the parameters of a full 3x3x3 conv.
+        mid = (cin * cout * 27) // (cin * 9 + 3 * cout)
+        self.conv1 = nn.Sequential(Conv2Plus1D(cin, cout, mid, stride), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(Conv2Plus1D(cout, cout, mid), nn.BatchNorm3d(cout))
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout))
+
+    def forward(self, x):
+        skip = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.conv2(self.conv1(x)) + skip)
+
+
+def widths(width: float) -> list[int]:
+    """Stage widths 64-128-256-512 times `width` (1.0 is the paper's; the CPU demo uses less)."""
+    return [max(8, int(round(c * width))) for c in (64, 128, 256, 512)]
+
+
+class R2Plus1D18(nn.Module):
+    """Clips B,3,T,H,W -> feature map B,512,T/8,H/16,W/16 (512x4x7x7 for 30x112x112)."""
+
+    def __init__(self, width: float = 1.0):
+        super().__init__()
+        w = widths(width)
+        stem = max(8, int(round(45 * width)))
+        self.out_dim = w[-1]
+        self.stem = nn.Sequential(
+            nn.Conv3d(3, stem, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False), nn.BatchNorm3d(stem),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(stem, w[0], (3, 1, 1), 1, (1, 0, 0), bias=False), nn.BatchNorm3d(w[0]), nn.ReLU(inplace=True))
+        stages, cin = [], w[0]
+        for cout, stride in zip(w, (1, 2, 2, 2)):
+            stages.append(nn.Sequential(VideoBlock(cin, cout, stride), VideoBlock(cout, cout, 1)))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.stages(self.stem(x))
+
+
+class AudioBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        skip = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + skip)
+
+
+class ResNet9Audio(nn.Module):
+    """Log-mel B,1,F,T -> B,512. The released code keeps torchvision's unused 1000-way fc (which
+    forces find_unused_parameters in DDP); it is left out here."""
+
+    def __init__(self, width: float = 1.0):
+        super().__init__()
+        w = widths(width)
+        self.out_dim = w[-1]
+        self.stem = nn.Sequential(nn.Conv2d(1, w[0], 7, 2, 3, bias=False), nn.BatchNorm2d(w[0]),
+                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], w[0]
+        for cout, stride in zip(w, (1, 2, 2, 2)):
+            blocks.append(AudioBlock(cin, cout, stride))
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.blocks(self.stem(x)).mean(dim=(2, 3))
+
+
+class TransformerLayer(nn.Module):
+    """Post-LayerNorm encoder layer as released: by default only queries and keys are learned
+    (value and output projections are identities; `full_attention` learns them too)."""
+
+    def __init__(self, width: int, heads: int, ffn: int, dropout: float, full_attention: bool):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
+        self.v = nn.Linear(width, width) if full_attention else nn.Identity()
+        self.out = nn.Linear(width, width) if full_attention else nn.Identity()
+        self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-12), nn.LayerNorm(width, eps=1e-12)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, width))
+        self.dropout = dropout
+
+    def forward(self, x):
+        B, T, D = x.shape
+        split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                              dropout_p=self.dropout if self.training else 0.0)
+        x = self.norm1(x + self.out(attn.transpose(1, 2).reshape(B, T, D)))
+        return self.norm2(x + self.ffn(x))
+
+
+class TemporalPooling(nn.Module):
+    """B,D,T time steps (already averaged over space) -> B,D. With layers=0 it is the average
+    over time; otherwise a small transformer whose output at the CLS token, or at the first
+    time step as released, is the clip's feature."""
+
+    def __init__(self, cfg, width: int = 512):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerLayer(width, cfg.heads, cfg.ffn, cfg.dropout, cfg.full_attention) for _ in range(cfg.layers))
+        self.cls = nn.Parameter(torch.zeros(1, 1, width)) if cfg.layers and cfg.token == "cls" else None
+        self.pos = nn.Embedding(cfg.max_steps, width) if cfg.layers and cfg.positional else None
+        for m in self.layers.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, h):
+        if not self.layers:
+            return h.mean(dim=2)
+        x = h.transpose(1, 2)
+        if self.pos is not None:
+            x = x + self.pos.weight[: x.shape[1]]
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        return x[:, 0]
+
+
+class Head(nn.Sequential):
+    """512 -> 512 -> 256 projection (dropout, BN, ReLU as released); L2 normalisation is applied by the caller."""
+
+    def __init__(self, cin: int = 512, hidden: int = 512, out: int = 256, dropout: float = 0.3):
+        super().__init__(nn.Dropout(dropout), nn.Linear(cin, hidden, bias=False), nn.BatchNorm1d(hidden),
+                         nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, out))
+
+
+class Stica(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.video = R2Plus1D18(cfg.width)
+        self.audio = ResNet9Audio(cfg.width)
+        self.pool = TemporalPooling(cfg.transformer, self.video.out_dim)
+        self.video_head = Head(self.video.out_dim, cfg.head_hidden, cfg.embed_dim, cfg.head_dropout)
+        self.audio_head = Head(self.audio.out_dim, cfg.head_hidden, cfg.embed_dim, cfg.head_dropout)
+
+    def forward(self, views: list[torch.Tensor], spec: torch.Tensor, crops: list[list] = ()) -> dict:
+        """All embeddings of a training step in one call (DDP needs its forward to see them all):
+        each view whole, each view's feature crops (crops[i] for view i), and the audio."""
+        fmaps = [self.video(v) for v in views]  # separate passes: BN statistics per view, as released
+        return {"video": [self.embed_map(f) for f in fmaps],
+                "crops": [[self.embed_map(c.apply(f)) for c in cs] for f, cs in zip(fmaps, crops)],
+                "audio": self.embed_audio(spec)}
+
+    def embed_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """A trunk feature map, whole or feature-cropped, B,D,T,H,W -> unit-norm B,E: average over
+        space, pool over time, project. Every crop goes through the same path as the full clip."""
+        return F.normalize(self.video_head(self.pool(fmap.mean(dim=(3, 4)))), dim=1)
+
+    def embed_audio(self, spec: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.audio_head(self.audio(spec)), dim=1)
+
+    def video_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """Unprojected clip features for evaluation (after pooling, before the head)."""
+        return self.pool(self.video(clips).mean(dim=(3, 4)))
