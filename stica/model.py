@@ -192,3 +192,13 @@ class Stica(nn.Module):
     def video_features(self, clips: torch.Tensor) -> torch.Tensor:
         """Unprojected clip features for evaluation (after pooling, before the head)."""
         return self.pool(self.video(clips).mean(dim=(3, 4)))
+
+
+def feature_grid(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Shape T,H,W of R2Plus1D18's output map: spatial stride 2 in the stem and three stages,
+    temporal stride 2 in three stages (4x7x7 for 30x112x112, 8x7x7 for 60 frames)."""
+    half = lambda n: (n - 1) // 2 + 1
+    h, w = half(height), half(width)
+    for _ in range(3):
+        frames, h, w = half(frames), half(h), half(w)
+    return frames, h, w

@@ -1,0 +1,47 @@
+"""Atomic checkpoints in a run directory and the automatic resume from the newest one."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LATEST = "checkpoint.pt"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: Path, state: dict, keep_as: str | None = None):
+    """Write to a temporary file, fsync, then rename: a kill mid-write leaves the previous
+    checkpoint intact. `keep_as` also keeps a copy under that name (e.g. per epoch)."""
+    tmp = run_dir / (LATEST + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / LATEST)
+    if keep_as:
+        os.link(run_dir / LATEST, run_dir / (keep_as + ".tmp"))
+        os.replace(run_dir / (keep_as + ".tmp"), run_dir / keep_as)
+
+
+def load_latest(run_dir: Path, device) -> dict | None:
+    path = run_dir / LATEST
+    if not path.exists():
+        return None
+    return torch.load(path, map_location=device, weights_only=False)

@@ -1,0 +1,252 @@
+"""STiCA pretraining.
+
+    torchrun --nproc_per_node=8 -m stica.train --config configs/pretrain_kinetics.yaml [key=value ...]
+
+Reads top to bottom: data, model, loss, optimiser, resume, loop. Rerunning the same command
+resumes from the run directory's checkpoint at the same step, schedule and data position.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+
+from stica import checkpoint, distributed
+from stica.config import load_config, save_config
+from stica.crops import sample_crops
+from stica.losses import cross_modal_loss, within_modal_loss, within_modal_pairs
+from stica.model import Stica, feature_grid
+from stica.pipelines.loader import build_loader
+
+
+def learning_rate(step: int, cfg, peak: float, steps_per_epoch: int) -> float:
+    """Per-iteration linear warm-up, then constant (as released) or cosine."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return peak * (cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / warmup)
+    if cfg.schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, cfg.epochs * steps_per_epoch - warmup)
+    return peak * (cfg.final_factor + (1 - cfg.final_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def stica_loss(model, batch, cfg, generator, device, channels_last: bool):
+    """Eq. (7): weight_va * L_va + weight_vv * L_vv, with L_vv over the two views' feature crops."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    views = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in batch["video"]]
+    spec = batch["audio"].to(device, non_blocking=True)
+    grid = feature_grid(*views[0].shape[2:])
+    crops = [sample_crops(cfg.crops, grid, generator) for _ in views] if len(views) == 2 else []
+    out = model(views, spec, crops)
+    l_va = cross_modal_loss(out["video"], out["audio"], cfg.loss.temp_va)
+    terms = {"l_va": l_va}
+    loss = cfg.loss.weight_va * l_va
+    pairs = within_modal_pairs(*crops) if crops else []
+    if pairs:
+        terms["l_vv"] = within_modal_loss(out["crops"][0], out["crops"][1], pairs, cfg.loss.temp_vv)
+        loss = loss + cfg.loss.weight_vv * terms["l_vv"]
+    return loss, terms
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (a scheduler's notice) ask for a checkpoint at the end of the current step."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="STiCA pretraining (run with torchrun for several processes)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.batch_size=16")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    dist = distributed.setup(cfg.train.backend)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.run.seed + dist.rank)
+    np.random.seed(cfg.run.seed + dist.rank)
+    gpu = dist.device.type == "cuda"
+    log = Logger(run_dir, dist.main)
+    resume = checkpoint.load_latest(run_dir, "cpu")
+
+    # Data
+    loader = build_loader(cfg.data, dist.rank, dist.world, dist.local_rank, backend=cfg.data.loader,
+                          workers=cfg.data.workers, state=resume["loader"] if resume else None)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{cfg.data.shards}: fewer samples per rank than data.batch_size={cfg.data.batch_size}")
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    global_batch = cfg.data.batch_size * dist.world
+
+    # Model
+    model = Stica(cfg.model)
+    if cfg.train.sync_bn and dist.world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = cfg.train.channels_last and gpu
+    model = model.to(dist.device, memory_format=torch.channels_last_3d if channels_last else torch.preserve_format)
+    core = model
+    if dist.world > 1:
+        model = DistributedDataParallel(model, device_ids=[dist.local_rank] if gpu else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    # Optimiser (lr scaled by the global batch)
+    peak_lr = cfg.optim.base_lr * global_batch / cfg.optim.base_batch
+    optimizer = torch.optim.SGD(core.parameters(), lr=peak_lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if gpu else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    # Resume
+    step = 0
+    if resume:
+        core.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        checkpoint.set_rng_state(resume["rng"][dist.rank] if dist.rank < len(resume["rng"]) else resume["rng"][0])
+        step = resume["step"]
+        log.info(f"resumed from {run_dir / checkpoint.LATEST} at step {step} (epoch {loader.epoch}, "
+                 f"batch {loader.batch})")
+    log.info(f"{dist.world} process(es) on {dist.device.type}, global batch {global_batch}, {steps_per_epoch} "
+             f"steps/epoch, peak lr {peak_lr:.4g}, {sum(p.numel() for p in core.parameters()) / 1e6:.2f}M params")
+
+    saved = step
+
+    def save(keep_as=None):
+        nonlocal saved
+        saved = step
+        rng = [None] * dist.world
+        if dist.world > 1:
+            torch.distributed.all_gather_object(rng, checkpoint.rng_state())
+        else:
+            rng = [checkpoint.rng_state()]
+        if dist.main:
+            checkpoint.save(run_dir, {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "scaler": scaler.state_dict(), "step": step, "loader": loader.state_dict(),
+                                      "rng": rng, "config": OmegaConf.to_container(cfg, resolve=True)}, keep_as)
+
+    # Loop
+    stop = StopRequest()
+    model.train()
+    meter = Meter()
+    while step < total_steps:
+        t_wait = time.perf_counter()
+        for batch in loader:
+            t_got = time.perf_counter()
+            lr = learning_rate(step, cfg.optim, peak_lr, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            generator = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + step) * dist.world + dist.rank)
+            with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, terms = stica_loss(model, batch, cfg, generator, dist.device, channels_last)
+            finite = bool(torch.isfinite(loss.detach()))
+            # One all-reduce decides for every rank together: a bad loss or a stop request anywhere stops all.
+            healthy = distributed.all_ranks_agree(finite and stop.signal is None, dist.device)
+            if not healthy and not distributed.all_ranks_agree(finite, dist.device):
+                log.info(f"non-finite loss at step {step + 1} (loss {loss.item()}, "
+                         f"{ {k: float(v) for k, v in terms.items()} }); stopping. The last good checkpoint "
+                         f"({run_dir / checkpoint.LATEST}) is kept: lower optim.base_lr or check the data.")
+                distributed.teardown()
+                sys.exit(2)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            meter.add(t_got - t_wait, time.perf_counter() - t_wait, loss, terms)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                log.step(step, total_steps, loader.epoch, lr, meter, global_batch, dist.device)
+            if not healthy:  # a stop request: save this step, then leave
+                save()
+                log.info(f"{stop.signal or 'stop request'}: saved step {step}; rerun the same command to resume")
+                distributed.teardown()
+                return
+            if step % cfg.train.ckpt_every == 0:
+                save()
+            if step >= total_steps:
+                break
+            t_wait = time.perf_counter()
+        if loader.batch == 0:  # an epoch ended
+            keep = loader.epoch % cfg.train.keep_every_epochs == 0 or step >= total_steps
+            save(f"epoch-{loader.epoch:03d}.pt" if keep else None)
+    if saved != step:
+        save()
+    log.info(f"done: {step} steps; checkpoint {run_dir / checkpoint.LATEST}, log {run_dir / 'log.jsonl'}")
+    if dist.main:
+        from stica.plots import plot_loss
+
+        plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
+    distributed.teardown()
+
+
+class Meter:
+    """Sums over the current log window."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.steps, self.wait, self.total, self.start = 0, 0.0, 0.0, time.perf_counter()
+        self.loss, self.terms = 0.0, {}
+
+    def add(self, wait, total, loss, terms):
+        self.steps += 1
+        self.wait += wait
+        self.total += total
+        self.loss += float(loss)
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + float(v)
+
+
+class Logger:
+    """Rank 0 prints a line per log window (rate, data wait, ETA) and appends it to log.jsonl."""
+
+    def __init__(self, run_dir: Path, main: bool):
+        self.path, self.main = run_dir / "log.jsonl", main
+        self.t0 = time.perf_counter()
+
+    def info(self, text: str):
+        if self.main:
+            print(f"[stica.train] {text}", flush=True)
+
+    def step(self, step, total, epoch, lr, m: Meter, global_batch, device):
+        if not self.main:
+            m.reset()
+            return
+        elapsed = time.perf_counter() - m.start
+        rate = m.steps * global_batch / elapsed
+        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        record = {"step": step, "epoch": epoch, "loss": m.loss / m.steps,
+                  **{k: v / m.steps for k, v in m.terms.items()}, "lr": lr, "clips_per_s": rate,
+                  "data_wait_pct": 100 * m.wait / max(m.total, 1e-9), "gpu_mem_gib": memory, "time": time.time()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        eta = (total - step) * elapsed / m.steps
+        terms = " ".join(f"{k} {v / m.steps:.4f}" for k, v in m.terms.items())
+        mem = f" mem {memory:.1f}G" if memory is not None else ""
+        print(f"[stica.train] step {step}/{total} ep {epoch} loss {record['loss']:.4f} ({terms}) lr {lr:.4g} "
+              f"{rate:.1f} clips/s data-wait {record['data_wait_pct']:.0f}%{mem} eta {eta / 60:.1f} min", flush=True)
+        m.reset()
+
+
+if __name__ == "__main__":
+    main()
