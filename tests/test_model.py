@@ -1,0 +1,97 @@
+"""Model sizes, feature crops and losses against direct computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from stica.config import load_config
+from stica.crops import sample_crops
+from stica.losses import cross_modal_loss, nce, within_modal_loss, within_modal_pairs
+from stica.model import Stica, feature_grid
+
+CONFIG = "configs/pretrain_kinetics.yaml"
+
+
+@pytest.mark.parametrize("layers, paper_millions", [(0, 37.2), (2, 42.4), (4, 47.7)])
+def test_parameter_counts_match_table_1d(layers, paper_millions):
+    cfg = load_config(CONFIG, [f"model.transformer.layers={layers}"])
+    params = sum(p.numel() for p in Stica(cfg.model).parameters()) / 1e6
+    assert abs(params - paper_millions) / paper_millions < 0.02, params
+
+
+def test_trunk_output_map_and_grid():
+    cfg = load_config(CONFIG, ["model.width=0.125"])
+    model = Stica(cfg.model).eval()
+    with torch.no_grad():
+        fmap = model.video(torch.randn(1, 3, 30, 112, 112))
+        spec = model.audio(torch.randn(2, 1, 257, 99))
+    assert tuple(fmap.shape[2:]) == feature_grid(30, 112, 112) == (4, 7, 7)
+    assert feature_grid(60, 112, 112) == (8, 7, 7)
+    assert tuple(spec.shape) == (2, model.audio.out_dim)
+
+
+def test_crop_sampler_covers_every_valid_position_and_nothing_outside():
+    cfg = OmegaConf.create({"space_medium": [2, 6], "space_small": [4, 4], "time_medium": [2, 3], "time_small": [1, 2]})
+    g = torch.Generator().manual_seed(0)
+    seen = {("space", 6): set(), ("space", 4): set(), ("time", 3): set(), ("time", 2): set()}
+    for _ in range(300):
+        crops = sample_crops(cfg, (4, 7, 7), g)
+        assert [(c.axis, c.size, c.small) for c in crops] == \
+            [("space", 6, False)] * 2 + [("space", 4, True)] * 4 + [("time", 3, False)] * 2 + [("time", 2, True)]
+        for c in crops:
+            seen[(c.axis, c.size)].add(c.start)
+    assert seen[("space", 6)] == {(y, x) for y in range(2) for x in range(2)}  # not only the top-left one
+    assert seen[("space", 4)] == {(y, x) for y in range(4) for x in range(4)}
+    assert seen[("time", 3)] == {(0,), (1,)}
+    assert seen[("time", 2)] == {(0,), (1,), (2,)}
+    fmap = torch.randn(2, 8, 4, 7, 7)
+    crop = sample_crops(OmegaConf.create({"space_medium": [1, 6], "space_small": [0, 4], "time_medium": [0, 3],
+                                          "time_small": [0, 2]}), (4, 7, 7), g)[0]
+    y, x = crop.start
+    assert torch.equal(crop.apply(fmap), fmap[:, :, :, y:y + 6, x:x + 6])
+    with pytest.raises(ValueError, match="does not fit"):
+        sample_crops(OmegaConf.create({"space_medium": [1, 8], "space_small": [0, 4], "time_medium": [0, 3],
+                                       "time_small": [0, 2]}), (4, 7, 7), g)
+
+
+def test_nce_matches_a_direct_computation():
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(5, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
+    tau = 0.1
+    direct = -sum(math.log(math.exp(float(q[i] @ k[i]) / tau) / sum(math.exp(float(q[i] @ k[j]) / tau)
+                                                                      for j in range(5))) for i in range(5)) / 5
+    assert abs(nce(q, k, tau).item() - direct) < 1e-5
+    assert nce(q, q, 0.01).item() < 1e-3  # a query identical to its own key and far from others
+
+
+def test_within_modal_pairs_count_is_2_times_m_plus_n_squared_minus_n_squared():
+    cfg = OmegaConf.create({"space_medium": [2, 6], "space_small": [4, 4], "time_medium": [2, 3], "time_small": [1, 2]})
+    g = torch.Generator().manual_seed(1)
+    c1, c2 = sample_crops(cfg, (4, 7, 7), g), sample_crops(cfg, (4, 7, 7), g)
+    m, n = 4, 5  # medium: 2 space + 2 time; small: 4 space + 1 time
+    pairs = within_modal_pairs(c1, c2)
+    assert 2 * len(pairs) == 2 * ((m + n) ** 2 - n ** 2) == 112
+    assert not any(c1[i].small and c2[j].small for i, j in pairs)
+    z1 = [F.normalize(torch.randn(3, 4), dim=1) for _ in c1]
+    z2 = [F.normalize(torch.randn(3, 4), dim=1) for _ in c2]
+    expected = sum(nce(z1[i], z2[j], 0.5) + nce(z2[j], z1[i], 0.5) for i, j in pairs) / (2 * len(pairs))
+    assert abs(within_modal_loss(z1, z2, pairs, 0.5).item() - expected.item()) < 1e-6
+
+
+def test_cross_modal_loss_is_the_mean_of_its_four_terms():
+    v = [F.normalize(torch.randn(4, 6), dim=1) for _ in range(2)]
+    a = F.normalize(torch.randn(4, 6), dim=1)
+    expected = (nce(v[0], a, 0.1) + nce(v[1], a, 0.1) + nce(a, v[0], 0.1) + nce(a, v[1], 0.1)) / 4
+    assert abs(cross_modal_loss(v, a, 0.1).item() - expected.item()) < 1e-6
+
+
+def test_transformer_pooling_options():
+    for token, positional in (("first", False), ("cls", True)):
+        cfg = load_config(CONFIG, ["model.width=0.125", f"model.transformer.token={token}",
+                                   f"model.transformer.positional={positional}", "model.transformer.heads=2"])
+        model = Stica(cfg.model).eval()
+        out = model(views=[torch.randn(2, 3, 16, 32, 32)] * 2, spec=torch.randn(2, 1, 64, 40))
+        assert tuple(out["video"][0].shape) == (2, 256)
+        assert torch.allclose(out["video"][0].norm(dim=1), torch.ones(2))

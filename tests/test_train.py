@@ -1,0 +1,107 @@
+"""The trainer end to end on generated shards: DDP on gloo, resume after SIGKILL and SIGTERM,
+non-finite loss handling."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from stica.tools.demo import make_corpus
+from stica.tools.shard import main as shard_main
+
+TINY = ["model.width=0.125", "data.crop_size=32", "data.batch_size=4", "data.workers=0",
+        "crops.space_medium=[1,2]", "crops.space_small=[2,1]", "crops.time_medium=[1,2]", "crops.time_small=[1,1]",
+        "train.log_every=1", "optim.epochs=3", "optim.warmup_epochs=1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    csv = make_corpus(root / "videos", train=16, val=4)
+    shard_main(["pack", "--root", str(root / "videos"), "--csv", str(csv), "--out", str(root / "shards"),
+                "--short-side", "64", "--workers", "2"])
+    return root / "shards"
+
+
+def train_cmd(shards, run_dir, *overrides, procs=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+    return [sys.executable, *launcher, "-m", "stica.train", "--config", "configs/demo.yaml",
+            f"data.shards={shards}", f"run.dir={run_dir}", *TINY, *overrides]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+
+
+def test_two_process_gloo_run(shards, tmp_path):
+    run = tmp_path / "ddp"
+    out = subprocess.run(train_cmd(shards, run, "train.max_steps=3", "train.keep_every_epochs=1", procs=2), env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 process(es) on cpu, global batch 8, 2 steps/epoch" in out.stdout
+    records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(0 < r["loss"] < 10 and r["clips_per_s"] > 0 and 0 <= r["data_wait_pct"] <= 100 for r in records)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and state["loader"] == {"epoch": 1, "batch": 1} and len(state["rng"]) == 2
+    assert state["config"]["data"]["batch_size"] == 4
+    assert (run / "config.yaml").exists() and (run / "loss.png").exists() and (run / "epoch-001.pt").exists()
+
+
+def test_killed_run_resumes_at_the_same_step_with_the_same_losses(shards, tmp_path):
+    whole = tmp_path / "whole"
+    subprocess.run(train_cmd(shards, whole, "train.max_steps=6"), env=ENV, check=True, capture_output=True)
+    reference = losses(whole)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(shards, killed, "train.max_steps=6", "train.ckpt_every=2"), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "log.jsonl").exists() and len(losses(killed)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    assert 2 <= saved < 6
+    out = subprocess.run(train_cmd(shards, killed, "train.max_steps=6"), env=ENV, capture_output=True, text=True,
+                         check=True)
+    assert f"resumed from {killed / 'checkpoint.pt'} at step {saved}" in out.stdout
+    resumed = losses(killed)  # later lines (the resumed run's) win
+    for step in range(saved + 1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sigterm_saves_then_the_rerun_continues(shards, tmp_path):
+    run = tmp_path / "term"
+    proc = subprocess.Popen(train_cmd(shards, run, "train.max_steps=50"), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if "step 2/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait() == 0
+    assert "SIGTERM: saved step" in rest
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    out = subprocess.run(train_cmd(shards, run, "train.max_steps=" + str(saved + 1)), env=ENV, capture_output=True,
+                         text=True, check=True)
+    assert f"at step {saved}" in out.stdout and f"step {saved + 1}/" in out.stdout
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    run = tmp_path / "nan"
+    out = subprocess.run(train_cmd(shards, run, "optim.base_lr=1e12", "optim.warmup_epochs=0", "train.ckpt_every=1",
+                                   "train.max_steps=20"), env=ENV, capture_output=True, text=True)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "non-finite loss at step" in out.stdout
+    bad_step = int(out.stdout.split("non-finite loss at step ")[1].split()[0])
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == bad_step - 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
