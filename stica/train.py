@@ -172,7 +172,7 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            meter.add(t_got - t_wait, time.perf_counter() - t_wait, loss, terms)
+            meter.add(t_got - t_wait, time.perf_counter() - t_wait, loss.detach(), {k: v.detach() for k, v in terms.items()})
             if step % cfg.train.log_every == 0 or step == total_steps:
                 log.step(step, total_steps, loader.epoch, lr, meter, global_batch, dist.device)
             if not healthy:  # a stop request: save this step, then leave

@@ -1,0 +1,46 @@
+"""stica-bench's quick preset on generated shards: files, tables and the GPU-hours arithmetic."""
+import csv
+import json
+
+import pytest
+
+from stica.tools.bench import main as bench_main
+from stica.tools.demo import make_corpus
+from stica.tools.shard import main as shard_main
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    csv_path = make_corpus(root / "videos", train=12, val=0)
+    shard_main(["pack", "--root", str(root / "videos"), "--csv", str(csv_path), "--out", str(root / "shards"),
+                "--short-side", "64", "--workers", "2"])
+    return root / "shards"
+
+
+def test_quick_preset_writes_tables_and_gpu_hours_follow_from_measured_time(shards, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert bench_main(["--quick", "--shards", str(shards), "--out", str(out), "--manifest",
+                       str(shards / "manifest.json")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset_size"] == 12 and results["preset"] == "quick"
+    model = list(csv.DictReader(open(out / "model.csv")))
+    assert len(model) == 16  # 8 strategies x (average, transformer) pooling
+    for row in results["model"]:
+        assert row["clips_per_s"] == pytest.approx(row["batch"] / row["step_s"])
+        assert row["gpu_hours_per_epoch"] == pytest.approx(12 / row["clips_per_s"] / 3600)
+        assert row["step_s_min"] <= row["step_s"] <= row["step_s_max"]
+    defaults = [r for r in results["model"] if r["strategy"].startswith("Default")]
+    assert [r["relative_to_default"] for r in defaults] == [1.0, 1.0]
+    paper = {r["strategy"]: r["paper_gpu_hours_v100"] for r in results["model"] if r["pooling"] == "average"}
+    assert paper["Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)"] == 30.0 and paper["Default (1x112^2)"] == 17.3
+    loader = list(csv.DictReader(open(out / "loader.csv")))
+    assert {(r["backend"], r["threads_or_workers"]) for r in loader} == {
+        ("dali", "1"), ("dali", "2"), ("reference", "1"), ("reference", "2")}
+    assert all(float(r["clips_per_s"]) > 0 for r in loader)
+    e2e = results["end_to_end"]
+    assert e2e["clips_per_s"] > 0 and e2e["bound_by"] in ("loader", "model")
+    report = (out / "report.md").read_text()
+    assert "| average | Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2) |" in report
+    assert report in capsys.readouterr().out
+    assert (out / "bench.png").stat().st_size > 10_000

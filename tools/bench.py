@@ -1,0 +1,220 @@
+"""stica-bench: measured throughput and GPU-hours per epoch, loader and model apart and together.
+
+    stica-bench --shards DIR --quick                  # 2-core CPU, a few minutes
+    stica-bench --shards DIR                          # full preset (meant for a GPU)
+
+Writes report.md (also printed), results.json, one CSV per table and bench.png to --out.
+GPU-hours per epoch = world x epoch seconds / 3600 = dataset size / (clips/s per device) / 3600.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from stica.config import load_config
+from stica.model import feature_grid
+from stica.shards import load_manifest
+from stica.tools.bench_loader import DEFAULT_CONFIG, loader_throughput
+from stica.tools.bench_model import largest_batch, measure_step, table_1f
+
+KINETICS_TRAIN = 234_643  # the paper's copy (Non-local/PySlowFast: 234,643 train videos)
+PRESETS = {
+    # quick: an eighth of the channels, so the 8 strategies x 2 poolings run in minutes on 2 cores;
+    # the relative costs are the point there, not the absolute figures.
+    "quick": dict(width=0.125, batch=2, frames=30, size=112, repeats=3, steps=1, warmup=1, parallel=[1, 2],
+                  loader_batches=4, loader_batch=4, e2e_steps=6),
+    "full": dict(width=1.0, batch=8, frames=30, size=112, repeats=5, steps=5, warmup=3, parallel=[2, 4, 8, 16],
+                 loader_batches=20, loader_batch=8, e2e_steps=60),
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def gpu_hours(dataset_size: int, clips_per_s_per_device: float) -> float:
+    return dataset_size / clips_per_s_per_device / 3600
+
+
+def run_model(p: dict, device, amp, dataset_size: int) -> list[dict]:
+    rows = []
+    for layers in (0, 2):
+        cfg = load_config(DEFAULT_CONFIG, [f"model.width={p['width']}", f"model.transformer.layers={layers}"])
+        _, h, _ = feature_grid(p["frames"], p["size"], p["size"])
+        strategies = table_1f(map_side=h)
+        base = None
+        for s in strategies:
+            m = measure_step(cfg, s, p["batch"], p["frames"], p["size"], device, amp, p["repeats"], p["steps"],
+                             p["warmup"])
+            step = m["step_s"]["median"]
+            base = base or step
+            rate = p["batch"] / step
+            row = {"strategy": s.name, "pooling": "transformer (2 layers)" if layers else "average",
+                   "batch": p["batch"], "step_s": step, "step_s_min": m["step_s"]["min"],
+                   "step_s_max": m["step_s"]["max"], "clips_per_s": rate, "relative_to_default": step / base,
+                   "gpu_hours_per_epoch": gpu_hours(dataset_size, rate), "peak_mem_gib": m["peak_mem_gib"],
+                   "paper_gpu_hours_v100": s.paper_gpu_hours if layers == 0 else None,
+                   "paper_relative": s.paper_gpu_hours / 17.3 if layers == 0 else None}
+            if device.type == "cuda":
+                row["max_batch"] = largest_batch(cfg, s, p["frames"], p["size"], device, amp)
+            rows.append(row)
+            print(f"[bench] model {row['pooling']:>22} | {s.name:<42} {step * 1000:8.1f} ms/step "
+                  f"({row['relative_to_default']:.2f}x)", flush=True)
+    return rows
+
+
+def run_loader(shards: str, p: dict, backends: list[str]) -> list[dict]:
+    rows = []
+    cores = os.cpu_count() or 1
+    for backend in backends:
+        for parallel in p["parallel"]:
+            r = loader_throughput(shards, backend, parallel, batch_size=p["loader_batch"], batches=p["loader_batches"],
+                                  repeats=p["repeats"], warmup=1)
+            rate = r["clips_per_s"]
+            rows.append({"backend": backend, "decode": r["device"], "threads_or_workers": parallel,
+                         "clips_per_s": rate["median"], "clips_per_s_min": rate["min"],
+                         "clips_per_s_max": rate["max"], "clips_per_s_per_core": rate["median"] / min(parallel, cores)})
+            print(f"[bench] loader {backend:>9} ({r['device']}) x{parallel}: {rate['median']:.1f} clips/s", flush=True)
+    return rows
+
+
+def run_end_to_end(shards: str, p: dict, loader: str) -> dict:
+    """The real trainer on the real shards for a few steps: clips/s, data wait, bounding side."""
+    from stica.train import main as train
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        overrides = [f"data.shards={shards}", f"run.dir={run_dir}", f"model.width={p['width']}",
+                     f"data.batch_size={p['batch']}", f"data.loader={loader}", f"train.max_steps={p['e2e_steps']}",
+                     "train.log_every=1", "train.ckpt_every=1000000", "optim.epochs=1000"]
+        train(["--config", DEFAULT_CONFIG, *overrides])
+        records = [json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()][2:]  # warm-up
+    rate = sorted(r["clips_per_s"] for r in records)[len(records) // 2]
+    wait = sorted(r["data_wait_pct"] for r in records)[len(records) // 2]
+    return {"loader": loader, "steps_timed": len(records), "clips_per_s": rate, "data_wait_pct": wait,
+            "bound_by": "loader" if wait > 10 else "model"}
+
+
+def markdown(results: dict) -> str:
+    out = [f"# stica-bench ({results['preset']}) on {results['device']}", "",
+           f"Dataset size {results['dataset_size']:,} videos; GPU-hours per epoch = size / (clips/s per device) / 3600."
+           f" Paper figures: V100, batch 8, their code (Table 1f).", ""]
+    if results.get("model"):
+        out += ["## Model only (synthetic tensors)", "",
+                "| pooling | strategy | ms/step (min-max) | clips/s | vs Default | GPU-h/epoch | paper GPU-h (V100) | paper vs Default | peak GiB | max batch |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["model"]:
+            f = lambda v, fmt: "-" if v is None else format(v, fmt)
+            out.append(f"| {r['pooling']} | {r['strategy']} | {r['step_s'] * 1000:.1f} ({r['step_s_min'] * 1000:.1f}-"
+                       f"{r['step_s_max'] * 1000:.1f}) | {r['clips_per_s']:.2f} | {r['relative_to_default']:.2f}x | "
+                       f"{r['gpu_hours_per_epoch']:.1f} | {f(r['paper_gpu_hours_v100'], '.1f')} | "
+                       f"{f(r['paper_relative'], '.2f')} | {f(r['peak_mem_gib'], '.2f')} | {r.get('max_batch', '-')} |")
+        out.append("")
+    if results.get("loader"):
+        out += ["## Loader only (two views + spectrogram per clip)", "",
+                "| backend | decode | threads/workers | clips/s (min-max) | per core |", "|---|---|---|---|---|"]
+        for r in results["loader"]:
+            out.append(f"| {r['backend']} | {r['decode']} | {r['threads_or_workers']} | {r['clips_per_s']:.1f} "
+                       f"({r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}) | {r['clips_per_s_per_core']:.1f} |")
+        out.append("")
+    if results.get("end_to_end"):
+        e = results["end_to_end"]
+        out += ["## End to end (the trainer on the shards)", "",
+                f"{e['clips_per_s']:.2f} clips/s with the {e['loader']} loader, data wait {e['data_wait_pct']:.0f}% "
+                f"(median of {e['steps_timed']} steps): bound by the {e['bound_by']}.", ""]
+    return "\n".join(out)
+
+
+def plot(results: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
+    rows = [r for r in results.get("model", []) if r["pooling"] == "average"]
+    if rows:
+        names = [r["strategy"].replace(" (", "\n(") for r in rows]
+        x = range(len(rows))
+        axes[0].bar([i - 0.2 for i in x], [r["relative_to_default"] for r in rows], 0.4, label="measured")
+        axes[0].bar([i + 0.2 for i in x], [r["paper_relative"] for r in rows], 0.4, label="paper (V100)")
+        axes[0].set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+        axes[0].set_ylabel("step cost relative to Default")
+        axes[0].set_title(f"Cropping strategies ({results['device']})")
+        axes[0].legend()
+    bars = [(f"{r['backend']} x{r['threads_or_workers']}", r["clips_per_s"]) for r in results.get("loader", [])]
+    model_rate = next((r["clips_per_s"] for r in results.get("model", [])
+                       if r["strategy"].startswith("Feature crops (2x6") and r["pooling"] != "average"), None)
+    if model_rate:
+        bars.append(("model (STiCA step)", model_rate))
+    if bars:
+        axes[1].barh([b[0] for b in bars], [b[1] for b in bars], color=["C0"] * (len(bars) - bool(model_rate)) + ["C3"] * bool(model_rate))
+        axes[1].set_xlabel("clips/s")
+        axes[1].set_title("Loader vs model throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(rows: list[dict], path: Path):
+    if rows:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="stica-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", help="stica-shard output (needed for the loader and end-to-end modes)")
+    parser.add_argument("--quick", action="store_true", help="the CPU preset: minutes on 2 cores")
+    parser.add_argument("--modes", default="model,loader,e2e", help="comma list of model, loader, e2e")
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--dataset-size", type=int, default=None,
+                        help=f"videos per epoch (default: Kinetics-400 train, {KINETICS_TRAIN:,})")
+    parser.add_argument("--manifest", help="take the dataset size from this stica-shard manifest's train split")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16", help="GPU only")
+    args = parser.parse_args(argv)
+    preset = "quick" if args.quick else "full"
+    p = PRESETS[preset]
+    modes = set(args.modes.split(","))
+    if modes & {"loader", "e2e"} and not args.shards:
+        parser.error("--shards is needed for the loader and e2e modes (or --modes model)")
+    size = args.dataset_size or KINETICS_TRAIN
+    if args.manifest:
+        size = load_manifest(Path(args.manifest).parent)["splits"]["train"]["samples"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"preset": preset, "device": device_name(device), "dataset_size": size, "settings": p}
+    if "model" in modes:
+        results["model"] = run_model(p, device, amp, size)
+    if "loader" in modes:
+        backends = ["dali", "reference"]
+        results["loader"] = run_loader(args.shards, p, backends)
+    if "e2e" in modes:
+        results["end_to_end"] = run_end_to_end(args.shards, p, "dali")
+    report = markdown(results)
+    print(report)
+    (out / "report.md").write_text(report)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_csv(results.get("model", []), out / "model.csv")
+    write_csv(results.get("loader", []), out / "loader.csv")
+    plot(results, out / "bench.png")
+    print(f"[bench] wrote {out}/report.md, results.json, model.csv, loader.csv, bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Model-only measurements for stica-bench: the training step of each cropping strategy of the
+paper's Table 1f on synthetic tensors (no loader), timed after warm-up."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+from stica.crops import sample_crops
+from stica.losses import cross_modal_loss, nce, within_modal_loss, within_modal_pairs
+from stica.model import Stica, feature_grid
+from stica.tools.bench_loader import summarize
+
+NO_CROPS = {"space_medium": [0, 1], "space_small": [0, 1], "time_medium": [0, 1], "time_small": [0, 1]}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    large: int  # RGB views at full crop size
+    small: tuple[int, int] = (0, 0)  # (count, size) of extra small RGB views (Multi-Crop)
+    crops: dict | None = None  # feature crops; {"full": True} = the whole map as the one crop
+    paper_gpu_hours: float | None = None  # Table 1f (V100, average pooling)
+
+
+def table_1f(map_side: int = 7, map_time: int = 4) -> list[Strategy]:
+    full = {"space_medium": [1, map_side], "space_small": [0, 1], "time_medium": [0, 1], "time_small": [0, 1]}
+    sota = {"space_medium": [2, 6], "space_small": [4, 4], "time_medium": [2, 3], "time_small": [1, 2]}
+    return [
+        Strategy("Default (1x112^2)", 1, paper_gpu_hours=17.3),
+        Strategy("Two RGB crops (2x112^2)", 2, crops=full, paper_gpu_hours=29.3),
+        Strategy("Four RGB crops (4x112^2)", 4, paper_gpu_hours=60.0),
+        Strategy("Multi RGB crops (2x112^2 + 1x96^2)", 2, (1, 96), paper_gpu_hours=46.7),
+        Strategy("Multi RGB crops (2x112^2 + 2x96^2)", 2, (2, 96), paper_gpu_hours=53.3),
+        Strategy("Multi RGB crops (2x112^2 + 6x96^2)", 2, (6, 96), paper_gpu_hours=100.7),
+        Strategy("Feature crops (1x7^2, 1x4)", 2, crops=full, paper_gpu_hours=29.3),
+        Strategy("Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)", 2, crops=sota, paper_gpu_hours=30.0),
+    ]
+
+
+def strategy_loss(model, strategy: Strategy, views, spec, cfg, generator):
+    """The loss each strategy trains with: L_va always; within-modal terms between RGB views
+    (Multi-Crop: every pair but small-small) or between the two views' feature crops."""
+    crops = []
+    if strategy.crops is not None:
+        grid = feature_grid(*views[0].shape[2:])
+        crops = [sample_crops(OmegaConf.create(strategy.crops), grid, generator) for _ in range(2)]
+        crops += [[] for _ in views[2:]]
+    out = model(views, spec, crops)
+    large = out["video"][:strategy.large]
+    loss = cfg.loss.weight_va * cross_modal_loss(large, out["audio"], cfg.loss.temp_va)
+    if crops:
+        pairs = within_modal_pairs(crops[0], crops[1])
+        loss = loss + cfg.loss.weight_vv * within_modal_loss(out["crops"][0], out["crops"][1], pairs, cfg.loss.temp_vv)
+    elif len(out["video"]) > 1:
+        z, n_large = out["video"], strategy.large
+        terms = [nce(z[i], z[j], cfg.loss.temp_vv) for i in range(len(z)) for j in range(len(z))
+                 if i != j and (i < n_large or j < n_large)]
+        loss = loss + cfg.loss.weight_vv * torch.stack(terms).mean()
+    return loss
+
+
+def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, device, amp, repeats: int,
+                 steps: int, warmup: int) -> dict:
+    """Median step time (forward, backward, SGD) over `repeats` runs of `steps` steps."""
+    torch.manual_seed(0)
+    model = Stica(cfg.model).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    sizes = [size] * strategy.large + [strategy.small[1] * size // 112] * strategy.small[0]
+    views = [torch.randn(batch, 3, frames, s, s, device=device) for s in sizes]
+    spec = torch.randn(batch, 1, cfg.data.audio.n_mels, round(frames / 30 * 100) - 1, device=device)
+    generator = torch.Generator().manual_seed(0)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = strategy_loss(model, strategy, views, spec, cfg, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t) / steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    del model, optimizer, views
+    return {"step_s": summarize(times), "peak_mem_gib": peak}
+
+
+def largest_batch(cfg, strategy: Strategy, frames: int, size: int, device, amp, limit: int = 1024) -> int:
+    """Doubling then bisection on CUDA out-of-memory errors (GPU only)."""
+    def fits(b):
+        try:
+            measure_step(cfg, strategy, b, frames, size, device, amp, repeats=1, steps=1, warmup=0)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
