@@ -25,3 +25,14 @@ def class_tree(tmp_path):
     make_clip(bad / "short.mp4", seconds=0.5)
     make_clip(bad / "silent.mp4", audio=False)
     return root
+
+
+def pack_demo_corpus(root, train, val):
+    """The demo's synthetic audio-visual corpus, packed at short side 64: small real shards."""
+    from stica.tools.demo import make_corpus
+    from stica.tools.shard import main as shard_main
+
+    csv_path = make_corpus(root / "videos", train=train, val=val)
+    shard_main(["pack", "--root", str(root / "videos"), "--csv", str(csv_path), "--out", str(root / "shards"),
+                "--short-side", "64", "--workers", "2"])
+    return root / "shards"

@@ -5,17 +5,12 @@ import json
 import pytest
 
 from stica.tools.bench import main as bench_main
-from stica.tools.demo import make_corpus
-from stica.tools.shard import main as shard_main
+from conftest import pack_demo_corpus
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    csv_path = make_corpus(root / "videos", train=12, val=0)
-    shard_main(["pack", "--root", str(root / "videos"), "--csv", str(csv_path), "--out", str(root / "shards"),
-                "--short-side", "64", "--workers", "2"])
-    return root / "shards"
+    return pack_demo_corpus(tmp_path_factory.mktemp("bench"), train=12, val=0)
 
 
 def test_quick_preset_writes_tables_and_gpu_hours_follow_from_measured_time(shards, tmp_path, capsys):

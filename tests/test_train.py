@@ -10,8 +10,7 @@ import time
 import pytest
 import torch
 
-from stica.tools.demo import make_corpus
-from stica.tools.shard import main as shard_main
+from conftest import pack_demo_corpus
 
 TINY = ["model.width=0.125", "data.crop_size=32", "data.batch_size=4", "data.workers=0",
         "crops.space_medium=[1,2]", "crops.space_small=[2,1]", "crops.time_medium=[1,2]", "crops.time_small=[1,1]",
@@ -21,11 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    csv = make_corpus(root / "videos", train=16, val=4)
-    shard_main(["pack", "--root", str(root / "videos"), "--csv", str(csv), "--out", str(root / "shards"),
-                "--short-side", "64", "--workers", "2"])
-    return root / "shards"
+    return pack_demo_corpus(tmp_path_factory.mktemp("corpus"), train=16, val=4)
 
 
 def train_cmd(shards, run_dir, *overrides, procs=1):
