@@ -5,8 +5,9 @@
    beat the speed, its timbre the class.
 2. Pack them with stica-shard (Kinetics-style CSV with a train and a val split).
 3. Pretrain with the real trainer on 2 CPU processes (torchrun, gloo).
-4. Audio-to-video retrieval on the held-out clips: recall@1 of the trained model against the
-   same model at initialisation and against chance, and the loss curve as a PNG.
+4. On held-out clips: audio-to-video and video-to-audio retrieval recall@1 and a linear probe
+   of the shapes, for the trained model and the same model at initialisation, against
+   chance; the loss curve as a PNG.
 """
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from stica import distributed
 from stica.config import load_config
-from stica.model import Stica
-from stica.pipelines.loader import build_loader
+from stica.eval import av_retrieval, linear_probe, load_model
 from stica.tools.synth import write_av
 
 SHAPES = ("disc", "square", "ring", "bar")
@@ -60,11 +60,11 @@ def make_video(path: Path, shape: str, hue: float, speed: float, phase: float):
              size=(SIZE, SIZE))
 
 
-def make_corpus(root: Path, train: int, val: int, seed: int = 0) -> Path:
+def make_corpus(root: Path, train: int, val: int, test: int = 0, seed: int = 0) -> Path:
     """Videos under root/<shape>/ named as Kinetics clips, plus the annotation CSV."""
     rng = np.random.default_rng(seed)
     rows = ["label,youtube_id,time_start,time_end,split"]
-    for i in range(train + val):
+    for i in range(train + val + test):
         shape = SHAPES[i % len(SHAPES)]
         yid = f"synth{i:05d}"
         (root / shape).mkdir(parents=True, exist_ok=True)
@@ -73,33 +73,19 @@ def make_corpus(root: Path, train: int, val: int, seed: int = 0) -> Path:
             make_video(path, shape, hue=rng.uniform(), speed=rng.uniform(0.5, 2.0), phase=rng.uniform(0, 2 * np.pi))
         else:
             rng.uniform(size=3)  # keep later videos identical whether or not earlier ones existed
-        rows.append(f"{shape},{yid},0,2,{'train' if i < train else 'val'}")
+        split = "train" if i < train else "val" if i < train + val else "test"
+        rows.append(f"{shape},{yid},0,2,{split}")
     csv = root / "annotations.csv"
     csv.write_text("\n".join(rows) + "\n")
     return csv
-
-
-@torch.no_grad()
-def retrieval_recall_at_1(model: Stica, cfg) -> tuple[float, int]:
-    """Audio-to-video: each held-out clip's sound queries all held-out clips' pictures (one centre
-    clip and crop per video); a hit when its own video is the nearest by cosine similarity."""
-    model.eval()
-    cfg = cfg.copy()
-    cfg.split, cfg.eval_clips, cfg.eval_crops = "val", 1, 1
-    videos, audios = [], []
-    for batch in build_loader(cfg, kind="eval", backend="reference", workers=0):
-        videos.append(model.embed_map(model.video(batch["video"][0][:, 0])))
-        audios.append(model.embed_audio(batch["audio"][:, 0]))
-    v, a = torch.cat(videos), torch.cat(audios)
-    hits = (a @ v.T).argmax(dim=1) == torch.arange(len(a))
-    return hits.float().mean().item(), len(a)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="working directory (videos, shards, run)")
     parser.add_argument("--train-videos", type=int, default=256)
-    parser.add_argument("--val-videos", type=int, default=64)
+    parser.add_argument("--val-videos", type=int, default=64, help="held out for model selection (linear probe)")
+    parser.add_argument("--test-videos", type=int, default=64, help="held out for scoring (retrieval, probe)")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--procs", type=int, default=2, help="training processes (torchrun, gloo)")
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides, key=value")
@@ -110,8 +96,9 @@ def main(argv=None):
         raise SystemExit(f"{config} not found: run stica-demo from a source checkout")
     t0 = time.perf_counter()
 
-    print(f"[demo] 1/4 generating {args.train_videos} + {args.val_videos} synthetic audio-visual videos in {out}/videos")
-    csv = make_corpus(out / "videos", args.train_videos, args.val_videos)
+    print(f"[demo] 1/4 generating {args.train_videos} + {args.val_videos} + {args.test_videos} synthetic audio-visual "
+          f"videos in {out}/videos")
+    csv = make_corpus(out / "videos", args.train_videos, args.val_videos, args.test_videos)
 
     print("[demo] 2/4 packing them with stica-shard")
     from stica.tools.shard import main as shard_main
@@ -133,22 +120,29 @@ def main(argv=None):
     subprocess.run(cmd, check=True, env=env)
     train_seconds = time.perf_counter() - t_train
 
-    print("[demo] 4/4 audio-to-video retrieval on the held-out clips")
-    cfg = load_config(config, overrides)
-    torch.manual_seed(cfg.run.seed)  # the trainer's initialisation (rank 0 seed)
-    initial = Stica(cfg.model)
-    trained = Stica(cfg.model)
-    trained.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
-    r_init, n = retrieval_recall_at_1(initial, cfg.data)
-    r_trained, _ = retrieval_recall_at_1(trained, cfg.data)
+    print("[demo] 4/4 evaluating on the held-out clips, trained and at initialisation")
+    cfg = load_config(config, overrides + ["data.split=test"])
+    dist = distributed.setup("gloo")
+    scores = {}
+    for name, checkpoint in (("trained", str(run_dir / "checkpoint.pt")), ("initial", None)):
+        model = load_model(cfg, checkpoint)
+        av = av_retrieval(cfg, model, dist)
+        probe = linear_probe(cfg, model, dist)["mean"]
+        scores[name] = {"a2v_R@1": av["audio_to_video"]["R@1"], "v2a_R@1": av["video_to_audio"]["R@1"],
+                        "probe_top1": probe["top1"]}
+    n = av["clips"]
     log = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines()]
     clips_per_s = float(np.median([r["clips_per_s"] for r in log[1:] or log]))
-    result = {"recall_at_1_trained": r_trained, "recall_at_1_initial": r_init, "chance": 1 / n, "queries": n,
+    result = {**scores, "chance_R@1": 1 / n, "chance_probe": 1 / len(SHAPES), "queries": n,
               "train_seconds": train_seconds, "train_clips_per_s": clips_per_s,
               "total_seconds": time.perf_counter() - t0, "loss_curve": str(run_dir / "loss.png")}
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"[demo] audio->video recall@1 on {n} held-out clips: trained {r_trained:.3f} | at initialisation "
-          f"{r_init:.3f} | chance {1 / n:.3f}")
+    t, i = scores["trained"], scores["initial"]
+    print(f"[demo] audio->video recall@1 on {n} held-out clips: trained {t['a2v_R@1']:.3f} | at initialisation "
+          f"{i['a2v_R@1']:.3f} | chance {1 / n:.3f}")
+    print(f"[demo] video->audio recall@1: trained {t['v2a_R@1']:.3f} | at initialisation {i['v2a_R@1']:.3f}")
+    print(f"[demo] linear probe (4 shapes) top-1: trained {t['probe_top1']:.3f} | at initialisation "
+          f"{i['probe_top1']:.3f} | chance {1 / len(SHAPES):.3f}")
     print(f"[demo] training {train_seconds:.0f} s at {clips_per_s:.1f} clips/s; total {result['total_seconds']:.0f} s; "
           f"loss curve {run_dir / 'loss.png'}; result {out / 'result.json'}")
     return 0

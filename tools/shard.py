@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Kinetics annotation CSV (label,youtube_id,time_start,time_end[,split]); repeatable. "
                         "Without it, --root is read as a class-folder tree")
     p.add_argument("--split", default="train", help="split name for a class-folder tree (default: train)")
+    p.add_argument("--ucf101-splits", metavar="DIR", help="UCF-101 split files (trainlist0N.txt, testlist0N.txt)")
+    p.add_argument("--hmdb51-splits", metavar="DIR", help="HMDB-51 split files (<class>_test_splitN.txt)")
+    p.add_argument("--folds", default="1,2,3", help="UCF-101/HMDB-51 folds to pack as foldN-{train,val,test}")
+    p.add_argument("--val-share", type=float, default=0.1,
+                   help="share of each UCF-101/HMDB-51 training list held out as foldN-val (model selection)")
     p.add_argument("--out", required=True, help="output directory for shards, manifest and failures")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel transcoders (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="write-time shuffle seed (recorded in the manifest)")
@@ -56,9 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pack(args) -> int:
     from stica.tools import pack as job
-    from stica.tools.sources import from_class_folders, from_kinetics_csv
+    from stica.tools import sources as src
 
-    sources = from_kinetics_csv(args.csv, args.root) if args.csv else from_class_folders(args.root, args.split)
+    folds = [int(f) for f in args.folds.split(",")]
+    if args.ucf101_splits:
+        sources = src.from_ucf101(args.root, args.ucf101_splits, folds, args.val_share, args.seed)
+    elif args.hmdb51_splits:
+        sources = src.from_hmdb51(args.root, args.hmdb51_splits, folds, args.val_share, args.seed)
+    elif args.csv:
+        sources = src.from_kinetics_csv(args.csv, args.root)
+    else:
+        sources = src.from_class_folders(args.root, args.split)
     opts = PackOptions(fps=args.fps, short_side=args.short_side, codec=args.codec, crf=args.crf, speed=args.speed,
                        seg_frames=args.seg_frames, audio_rate=args.audio_rate, min_frames=args.min_frames,
                        allow_no_audio=args.allow_no_audio)

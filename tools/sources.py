@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,3 +58,59 @@ def from_class_folders(root: str | Path, split: str) -> list[Source]:
 
 def class_list(sources: list[Source]) -> list[str]:
     return sorted({s.label for s in sources if s.label})
+
+
+def _holdout(sources: list[Source], share: float, seed: int, split: str) -> list[Source]:
+    """Move a class-stratified `share` of a training list to `split` (model selection happens
+    there, never on the test set); the draw depends only on the seed and the list."""
+    rng = random.Random(seed)
+    out = []
+    for label in sorted({s.label for s in sources}):
+        members = [s for s in sources if s.label == label]
+        held = set(rng.sample(range(len(members)), round(len(members) * share)))
+        out += [Source(s.path, s.key, s.label, split if i in held else s.split) for i, s in enumerate(members)]
+    return out
+
+
+def from_ucf101(root: str | Path, split_dir: str | Path, folds: list[int], val_share: float = 0.1,
+                seed: int = 0) -> list[Source]:
+    """UCF-101: videos in root/<Class>/, splits in trainlist0N.txt ("Class/v_x.avi 12") and
+    testlist0N.txt ("Class/v_x.avi"). Writes splits foldN-train, foldN-val, foldN-test."""
+    root, split_dir = Path(root), Path(split_dir)
+    sources = []
+    for fold in folds:
+        for kind in ("train", "test"):
+            listing = split_dir / f"{kind}list{fold:02d}.txt"
+            if not listing.exists():
+                raise FileNotFoundError(f"{listing}: UCF-101 split file not found")
+            entries = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+            part = [Source(str(root / e), clean_key(Path(e).stem), Path(e).parent.name, f"fold{fold}-{kind}")
+                    for e in entries]
+            sources += _holdout(part, val_share, seed + fold, f"fold{fold}-val") if kind == "train" else part
+    return sources
+
+
+def from_hmdb51(root: str | Path, split_dir: str | Path, folds: list[int], val_share: float = 0.1,
+                seed: int = 0) -> list[Source]:
+    """HMDB-51: videos in root/<class>/, splits in <class>_test_splitN.txt ("video.avi 1"):
+    1 = train, 2 = test, 0 = not used in that split."""
+    root, split_dir = Path(root), Path(split_dir)
+    sources = []
+    for fold in folds:
+        listings = sorted(split_dir.glob(f"*_test_split{fold}.txt"))
+        if not listings:
+            raise FileNotFoundError(f"{split_dir}: no HMDB-51 split files *_test_split{fold}.txt")
+        train = []
+        for listing in listings:
+            label = listing.name[: -len(f"_test_split{fold}.txt")]
+            for line in listing.read_text().splitlines():
+                if not line.strip():
+                    continue
+                name, tag = line.split()
+                if tag == "0":
+                    continue
+                source = Source(str(root / label / name), clean_key(Path(name).stem), label,
+                                f"fold{fold}-{'train' if tag == '1' else 'test'}")
+                (train if tag == "1" else sources).append(source)
+        sources += _holdout(train, val_share, seed + fold, f"fold{fold}-val")
+    return sources

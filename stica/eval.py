@@ -1,0 +1,279 @@
+"""Downstream evaluation of a pretrained checkpoint (paper Sec. 4.3).
+
+    python -m stica.eval retrieval    --config configs/eval_ucf101.yaml eval.checkpoint=runs/k400/checkpoint.pt
+    python -m stica.eval linear       --config ...        # linear probe on frozen features
+    torchrun --nproc_per_node=8 -m stica.eval finetune --config ...
+    python -m stica.eval av-retrieval --config configs/demo.yaml eval.checkpoint=... data.split=val
+
+Shards come from `stica-shard pack --ucf101-splits/--hmdb51-splits`, with splits
+foldN-train, foldN-val (held out of the training list, for model selection) and foldN-test.
+Results go to eval.out as JSON and Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from stica import distributed
+from stica.config import load_config
+from stica.model import Stica
+from stica.pipelines.loader import build_loader
+
+
+def load_model(cfg, checkpoint: str | None) -> Stica:
+    """The pretrained model, or (checkpoint null) the same architecture at its initialisation."""
+    torch.manual_seed(cfg.run.seed)
+    model = Stica(cfg.model)
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state.get("model", state))
+    return model
+
+
+def split_cfg(data_cfg, split: str, **changes):
+    cfg = copy.deepcopy(data_cfg)
+    cfg.split = split
+    for k, v in changes.items():
+        cfg[k] = v
+    return cfg
+
+
+def split_name(cfg, kind: str, fold: int) -> str:
+    return cfg.eval.splits[kind].format(fold=fold)
+
+
+def gather_by_key(rows: dict, dist) -> dict:
+    """Every rank's {key: value}; the reader's padding duplicates collapse onto their key."""
+    if dist.world == 1:
+        return rows
+    parts = [None] * dist.world
+    tdist.all_gather_object(parts, rows)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def progress(name: str, i: int, total: int, t0: float):
+    if i % 10 == 0 or i == total:
+        rate = i / max(time.perf_counter() - t0, 1e-9)
+        print(f"[stica.eval] {name}: {i}/{total} batches, {rate:.2f} batches/s, eta "
+              f"{(total - i) / max(rate, 1e-9):.0f} s", flush=True)
+
+
+@torch.no_grad()
+def video_features(model: Stica, data_cfg, split: str, dist) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Per video: the trunk's last-block map of each of eval_clips uniform clips (centre crop),
+    max-pooled, then averaged over the clips (the retrieval protocol the paper follows)."""
+    model.eval().to(dist.device)
+    loader = build_loader(split_cfg(data_cfg, split, eval_crops=1), dist.rank, dist.world, dist.local_rank,
+                          kind="eval", backend=data_cfg.loader, workers=data_cfg.workers)
+    rows, t0 = {}, time.perf_counter()
+    for i, batch in enumerate(loader, 1):
+        clips = batch["video"][0].to(dist.device)
+        B, N = clips.shape[:2]
+        fmap = model.video(clips.flatten(0, 1).float())
+        feats = fmap.amax(dim=(2, 3, 4)).view(B, N, -1).mean(dim=1).cpu()
+        rows.update({k: (f, int(l)) for k, f, l in zip(batch["key"], feats, batch["label"])})
+        progress(f"features {split}", i, len(loader), t0)
+    rows = gather_by_key(rows, dist)
+    keys = sorted(rows)
+    return torch.stack([rows[k][0] for k in keys]), torch.tensor([rows[k][1] for k in keys]), keys
+
+
+def recall_at_k(queries, query_labels, gallery, gallery_labels, ks=(1, 5, 20)) -> dict:
+    """A query scores a hit at k when any of its k nearest gallery items (cosine) shares its class."""
+    sim = F.normalize(queries, dim=1) @ F.normalize(gallery, dim=1).T
+    order = sim.argsort(dim=1, descending=True)
+    same = gallery_labels[order] == query_labels[:, None]
+    return {f"R@{k}": same[:, :k].any(dim=1).float().mean().item() for k in ks if k <= gallery.shape[0]}
+
+
+def retrieval(cfg, model, dist) -> dict:
+    results = {}
+    for fold in cfg.eval.folds:
+        train_f, train_y, _ = video_features(model, cfg.data, split_name(cfg, "train", fold), dist)
+        test_f, test_y, _ = video_features(model, cfg.data, split_name(cfg, "test", fold), dist)
+        results[f"fold{fold}"] = recall_at_k(test_f, test_y, train_f, train_y, cfg.eval.recall_at)
+    results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in next(iter(results.values()))}
+    return results
+
+
+@torch.no_grad()
+def av_retrieval(cfg, model, dist) -> dict:
+    """Instance-level audio-to-video and video-to-audio retrieval on held-out pretraining clips
+    (data.split): the centre clip of each video, embeddings from the pretraining heads."""
+    model.eval().to(dist.device)
+    data = split_cfg(cfg.data, cfg.data.split, eval_clips=1, eval_crops=1)
+    rows = {}
+    for batch in build_loader(data, dist.rank, dist.world, dist.local_rank, kind="eval", backend=data.loader,
+                              workers=data.workers):
+        v = model.embed_map(model.video(batch["video"][0][:, 0].to(dist.device).float()))
+        a = model.embed_audio(batch["audio"][:, 0].to(dist.device).float())
+        rows.update({k: (vi.cpu(), ai.cpu()) for k, vi, ai in zip(batch["key"], v, a)})
+    rows = gather_by_key(rows, dist)
+    keys = sorted(rows)
+    v, a = torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
+    ids = torch.arange(len(keys))  # each clip is its own class: only its own video (or sound) is a hit
+    return {"audio_to_video": recall_at_k(a, ids, v, ids, cfg.eval.recall_at),
+            "video_to_audio": recall_at_k(v, ids, a, ids, cfg.eval.recall_at), "clips": len(keys),
+            "chance_R@1": 1 / len(keys)}
+
+
+def topk_accuracy(logits, labels, ks=(1, 5)) -> dict:
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    return {f"top{k}": (top[:, :k] == labels[:, None]).any(dim=1).float().mean().item() for k in ks}
+
+
+def linear_probe(cfg, model, dist) -> dict:
+    """Multinomial logistic regression on frozen, standardised video features; the weight
+    decay is chosen on foldN-val, the test split is scored once."""
+    results = {}
+    num_classes = cfg.eval.num_classes
+    for fold in cfg.eval.folds:
+        (tr, ytr, _), (va, yva, _), (te, yte, _) = (
+            video_features(model, cfg.data, split_name(cfg, s, fold), dist) for s in ("train", "val", "test"))
+        mean, std = tr.mean(0), tr.std(0) + 1e-6
+        tr, va, te = ((x - mean) / std for x in (tr, va, te))
+        best = None
+        for wd in cfg.eval.linear.weight_decays:
+            clf = nn.Linear(tr.shape[1], num_classes)
+            opt = torch.optim.LBFGS(clf.parameters(), max_iter=cfg.eval.linear.iterations, line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(clf(tr), ytr) + wd * clf.weight.pow(2).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            with torch.no_grad():
+                val = topk_accuracy(clf(va), yva)["top1"]
+                if best is None or val > best[0]:
+                    best = (val, wd, topk_accuracy(clf(te), yte))
+        results[f"fold{fold}"] = {"val_top1": best[0], "weight_decay": best[1], **best[2]}
+    results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("top1", "top5")}
+    return results
+
+
+class Classifier(nn.Module):
+    """The pretrained trunk and temporal pooling (transformer when pretrained with it) plus a linear layer."""
+
+    def __init__(self, model: Stica, num_classes: int):
+        super().__init__()
+        self.video, self.pool = model.video, model.pool
+        self.fc = nn.Linear(model.video.out_dim, num_classes)
+        nn.init.orthogonal_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, clips):
+        return self.fc(self.pool(self.video(clips).mean(dim=(3, 4))))
+
+
+@torch.no_grad()
+def score_videos(net: nn.Module, data_cfg, split: str, dist) -> dict:
+    """eval_clips x eval_crops views per video, logits averaged per video (as released)."""
+    net.eval()
+    loader = build_loader(split_cfg(data_cfg, split), dist.rank, dist.world, dist.local_rank, kind="eval",
+                          backend=data_cfg.loader, workers=data_cfg.workers)
+    rows = {}
+    for batch in loader:
+        clips = batch["video"][0].to(dist.device)
+        B, N = clips.shape[:2]
+        logits = net(clips.flatten(0, 1).float()).view(B, N, -1).mean(dim=1).cpu()
+        rows.update({k: (z, int(l)) for k, z, l in zip(batch["key"], logits, batch["label"])})
+    rows = gather_by_key(rows, dist)
+    keys = sorted(rows)
+    return topk_accuracy(torch.stack([rows[k][0] for k in keys]), torch.tensor([rows[k][1] for k in keys]))
+
+
+def finetune(cfg, model, dist) -> dict:
+    """The paper's schedule (GDT's): SGD, LR warm-up, step decay; data.eval_clips random clips
+    per video per epoch; the epoch is chosen on foldN-val and only that model sees foldN-test."""
+    f = cfg.eval.finetune
+    results = {}
+    for fold in cfg.eval.folds:
+        net = Classifier(copy.deepcopy(model), cfg.eval.num_classes).to(dist.device)
+        ddp = DistributedDataParallel(net, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) \
+            if dist.world > 1 else net
+        groups = [{"params": net.fc.parameters(), "lr": f.lr_head},
+                  {"params": [p for n, p in net.named_parameters() if not n.startswith("fc.")], "lr": f.lr_base}]
+        opt = torch.optim.SGD(groups, momentum=f.momentum, weight_decay=f.weight_decay)
+        base_lrs = [f.lr_head, f.lr_base]
+        train_cfg = split_cfg(cfg.data, split_name(cfg, "train", fold), views=1, batch_size=f.batch_size)
+        loader = build_loader(train_cfg, dist.rank, dist.world, dist.local_rank, backend=cfg.data.loader,
+                              workers=cfg.data.workers)
+        steps_per_epoch = len(loader) * f.clips_per_video
+        best, step, t0 = None, 0, time.perf_counter()
+        for epoch in range(f.epochs):
+            ddp.train()
+            for _ in range(f.clips_per_video):  # each pass draws one random clip per video
+                for batch in loader:
+                    e = step / steps_per_epoch
+                    factor = (1 + (f.warmup_multiplier - 1) * min(1.0, e / f.warmup_epochs)) if f.warmup_epochs \
+                        else f.warmup_multiplier
+                    factor *= f.gamma ** sum(e >= m for m in f.milestones)
+                    for g, lr in zip(opt.param_groups, base_lrs):
+                        g["lr"] = lr * factor
+                    loss = F.cross_entropy(ddp(batch["video"][0].to(dist.device).float()),
+                                           batch["label"].to(dist.device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+            val = score_videos(net, cfg.data, split_name(cfg, "val", fold), dist)
+            if dist.main:
+                print(f"[stica.eval] finetune fold {fold} epoch {epoch + 1}/{f.epochs}: loss {loss.item():.3f} "
+                      f"val top1 {val['top1']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if best is None or val["top1"] > best[0]:
+                best = (val["top1"], epoch + 1, copy.deepcopy(net.state_dict()))
+        net.load_state_dict(best[2])
+        results[f"fold{fold}"] = {"val_top1": best[0], "epoch": best[1],
+                                  **score_videos(net, cfg.data, split_name(cfg, "test", fold), dist)}
+    results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("top1", "top5")}
+    return results
+
+
+TASKS = {"retrieval": retrieval, "av-retrieval": av_retrieval, "linear": linear_probe, "finetune": finetune}
+
+
+def markdown(task: str, checkpoint, results: dict) -> str:
+    lines = [f"# stica.eval {task}", "", f"checkpoint: {checkpoint or 'none (random initialisation)'}", "",
+             "| part | " + " | ".join(next(v for v in results.values() if isinstance(v, dict))) + " |"]
+    lines.append("|---" * (1 + len(next(v for v in results.values() if isinstance(v, dict)))) + "|")
+    for part, values in results.items():
+        if isinstance(values, dict):
+            lines.append(f"| {part} | " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v)
+                                                   for v in values.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    dist = distributed.setup(cfg.train.backend)
+    model = load_model(cfg, cfg.eval.checkpoint)
+    results = TASKS[args.task](cfg, model, dist)
+    if dist.main:
+        out = Path(cfg.eval.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.task}.json").write_text(json.dumps(results, indent=1))
+        report = markdown(args.task, cfg.eval.checkpoint, results)
+        (out / f"{args.task}.md").write_text(report)
+        print(report + f"[stica.eval] wrote {out / args.task}.json and .md", flush=True)
+    distributed.teardown()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Downstream evaluation: UCF-101 / HMDB-51 layouts and split files, recall@k, the tasks end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stica.eval import main as eval_main
+from stica.eval import recall_at_k
+from stica.shards import load_manifest
+from stica.tools.demo import SHAPES, make_video
+from stica.tools.shard import main as shard_main
+from stica.tools.sources import from_hmdb51, from_ucf101
+
+TINY = ["model.width=0.125", "data.crop_size=32", "data.num_frames=16", "data.batch_size=4", "data.workers=0",
+        "data.eval_clips=2", "data.loader=reference", "data.device=cpu", "eval.num_classes=4", "eval.folds=[1]",
+        "model.transformer.layers=1", "model.transformer.ffn=64", "eval.linear.iterations=20"]
+
+
+@pytest.fixture(scope="module")
+def ucf(tmp_path_factory):
+    """A UCF-101-style tree: 4 classes x 6 clips, split 1 lists 4 train + 2 test per class, and one
+    listed test video that is not on disk."""
+    root = tmp_path_factory.mktemp("ucf")
+    rng = np.random.default_rng(0)
+    train, test = [], []
+    for c, shape in enumerate(SHAPES):
+        cls = shape.capitalize()
+        (root / "UCF-101" / cls).mkdir(parents=True)
+        for g in range(6):
+            name = f"{cls}/v_{cls}_g{g + 1:02d}_c01.avi"
+            make_video(root / "UCF-101" / name.replace(".avi", ".mp4"), shape, rng.uniform(), rng.uniform(0.5, 2), 0.0)
+            (root / "UCF-101" / name.replace(".avi", ".mp4")).rename(root / "UCF-101" / name)
+            (train if g < 4 else test).append(name)
+    test.append("Disc/v_Disc_g99_c01.avi")
+    (root / "splits").mkdir()
+    (root / "splits" / "trainlist01.txt").write_text("".join(f"{n} {SHAPES.index(n.split('/')[0].lower()) + 1}\n"
+                                                             for n in train))
+    (root / "splits" / "testlist01.txt").write_text("".join(f"{n}\n" for n in test))
+    return root
+
+
+def test_ucf_split_files_and_held_out_validation(ucf):
+    sources = from_ucf101(ucf / "UCF-101", ucf / "splits", folds=[1], val_share=0.25)
+    by_split = {s: sorted(x.key for x in sources if x.split == s) for s in ("fold1-train", "fold1-val", "fold1-test")}
+    assert [len(v) for v in by_split.values()] == [12, 4, 9]  # 1 of 4 per class held out; 8 + 1 missing test
+    assert {s.label for s in sources if s.split == "fold1-val"} == {"Disc", "Square", "Ring", "Bar"}
+    assert not set(by_split["fold1-val"]) & set(by_split["fold1-train"])
+    assert sources == from_ucf101(ucf / "UCF-101", ucf / "splits", folds=[1], val_share=0.25)  # deterministic
+
+
+def test_hmdb_split_files(tmp_path):
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "brush_hair_test_split1.txt").write_text("a.avi 1\nb.avi 2\nc.avi 0\nd.avi 1\n")
+    (tmp_path / "splits" / "cartwheel_test_split1.txt").write_text("e.avi 1\nf.avi 2\n")
+    sources = from_hmdb51(tmp_path / "videos", tmp_path / "splits", folds=[1], val_share=0.0)
+    assert sorted((s.key, s.label, s.split) for s in sources) == [
+        ("a", "brush_hair", "fold1-train"), ("b", "brush_hair", "fold1-test"), ("d", "brush_hair", "fold1-train"),
+        ("e", "cartwheel", "fold1-train"), ("f", "cartwheel", "fold1-test")]
+    assert {s.key: s.path for s in sources}["a"] == str(tmp_path / "videos" / "brush_hair" / "a.avi")
+    with pytest.raises(FileNotFoundError, match="split2"):
+        from_hmdb51(tmp_path / "videos", tmp_path / "splits", folds=[2])
+
+
+def test_recall_at_k_against_a_hand_computed_case():
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]])
+    gallery_labels = torch.tensor([0, 1, 2, 0])
+    queries = torch.tensor([[0.9, 0.1], [0.1, 0.9], [-0.9, -0.2]])
+    query_labels = torch.tensor([1, 1, 0])
+    # Nearest first: q0 -> [0, 2, 1, 3] (class 1 at rank 3); q1 -> [1, 2, 0, 3] (rank 1); q2 -> [3, ...] (rank 1).
+    r = recall_at_k(queries, query_labels, gallery, gallery_labels, ks=(1, 2, 3))
+    assert r == {"R@1": pytest.approx(2 / 3), "R@2": pytest.approx(2 / 3), "R@3": pytest.approx(1.0)}
+
+
+def test_pack_ucf_then_retrieval_linear_probe_and_finetune(ucf, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    status = shard_main(["pack", "--root", str(ucf / "UCF-101"), "--ucf101-splits", str(ucf / "splits"),
+                         "--folds", "1", "--val-share", "0.25", "--out", str(shards), "--short-side", "64"])
+    assert status == 1  # the missing test video
+    (missing,) = [json.loads(l) for l in (shards / "failures.jsonl").read_text().splitlines()]
+    assert missing["key"] == "v_Disc_g99_c01" and missing["split"] == "fold1-test" and missing["stage"] == "open"
+    assert {k: v["samples"] for k, v in load_manifest(shards)["splits"].items()} == {
+        "fold1-test": 8, "fold1-train": 12, "fold1-val": 4}
+
+    common = ["--config", "configs/eval_ucf101.yaml", f"data.shards={shards}", f"eval.out={tmp_path / 'out'}", *TINY]
+    retrieval = eval_main(["retrieval", *common])
+    assert set(retrieval["fold1"]) == {"R@1", "R@5"} and 0 <= retrieval["fold1"]["R@1"] <= 1
+    probe = eval_main(["linear", *common])
+    assert 0 <= probe["fold1"]["top1"] <= probe["fold1"]["top5"] <= 1
+    assert probe["fold1"]["weight_decay"] in (1e-4, 1e-3, 1e-2)
+    tuned = eval_main(["finetune", *common, "eval.finetune.epochs=2", "eval.finetune.clips_per_video=1",
+                       "eval.finetune.batch_size=4", "eval.finetune.warmup_epochs=1"])
+    assert tuned["fold1"]["epoch"] in (1, 2) and 0 <= tuned["fold1"]["top1"] <= 1
+    out = capsys.readouterr().out
+    assert "finetune fold 1 epoch 2/2" in out and "val top1" in out
+    assert json.loads((tmp_path / "out" / "finetune.json").read_text()) == json.loads(json.dumps(tuned))
+    assert "| fold1 |" in (tmp_path / "out" / "retrieval.md").read_text()
