@@ -4,7 +4,24 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate every rank's rows; backward hands each rank the summed gradient of its own
+    rows from every rank's loss (torch.distributed.nn's version is deprecated in torch 2.13)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
 
 
 def gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -12,7 +29,7 @@ def gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     and this rank's offset in the result."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
 
 
 def nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:

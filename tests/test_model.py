@@ -95,3 +95,37 @@ def test_transformer_pooling_options():
         out = model(views=[torch.randn(2, 3, 16, 32, 32)] * 2, spec=torch.randn(2, 1, 64, 40))
         assert tuple(out["video"][0].shape) == (2, 256)
         assert torch.allclose(out["video"][0].norm(dim=1), torch.ones(2))
+
+
+def _gather_worker(rank, world, port, q, k, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    n = q.shape[0] // world
+    ql = q[rank * n:(rank + 1) * n].clone().requires_grad_()
+    kl = k[rank * n:(rank + 1) * n].clone().requires_grad_()
+    nce(ql, kl, 0.2).backward()
+    out[rank] = torch.cat([ql.grad, kl.grad], dim=1)
+    dist.destroy_process_group()
+
+
+def test_cross_rank_negatives_give_the_gradients_of_the_global_loss():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    world, n = 2, 3
+    q, k = F.normalize(torch.randn(world * n, 5), dim=1), F.normalize(torch.randn(world * n, 5), dim=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_gather_worker, args=(world, port, q, k, out), nprocs=world)
+    # One process, whole batch: rank r's loss is its queries against all keys, positives at r*n + i.
+    qf, kf = q.clone().requires_grad_(), k.clone().requires_grad_()
+    logits = qf @ kf.T / 0.2
+    total = sum(F.cross_entropy(logits[r * n:(r + 1) * n], torch.arange(n) + r * n) for r in range(world))
+    total.backward()
+    expected = torch.cat([qf.grad, kf.grad], dim=1)
+    torch.testing.assert_close(torch.cat([out[r] for r in range(world)]), expected, atol=1e-6, rtol=1e-5)
