@@ -33,6 +33,8 @@ def test_quick_preset_writes_tables_and_gpu_hours_follow_from_measured_time(shar
     assert {(r["backend"], r["threads_or_workers"]) for r in loader} == {
         ("dali", "1"), ("dali", "2"), ("reference", "1"), ("reference", "2")}
     assert all(float(r["clips_per_s"]) > 0 for r in loader)
+    assert [r["start"] for r in results["clip_cost"]] == [0, 135, 270]
+    assert all(r["ms_per_clip"] > 0 for r in results["clip_cost"]) and (out / "clip_cost.csv").exists()
     e2e = results["end_to_end"]
     assert e2e["clips_per_s"] > 0 and e2e["bound_by"] in ("loader", "model")
     report = (out / "report.md").read_text()
