@@ -26,6 +26,11 @@ def read_shards(tars, idxs, shard_id, num_shards, shuffle: bool, shuffle_buffer:
     return segs, flac, info, key
 
 
+def output_dtype(cfg, device: str):
+    """fp16 clips only on the GPU path, where the model consumes them under autocast."""
+    return types.FLOAT16 if (cfg.fp16 and device == "mixed") else types.FLOAT
+
+
 def field(info, name):
     return info[INFO[name]]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from stica.pipelines.clips import audio_window, decode_clip, field, log_mel, read_shards
+from stica.pipelines.clips import audio_window, decode_clip, field, log_mel, output_dtype, read_shards
 
 CROPS = {3: [0.0, 0.5, 1.0], 1: [0.5]}  # left/centre/right (or top/centre/bottom) along the long side
 
@@ -29,7 +29,7 @@ def spatial_crops(clip, size: int, crops: int, mean, std, out_dtype):
 def eval_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int, num_shards: int, device: str):
     segs, flac, info, key = read_shards(tars, idxs, shard_id, num_shards, shuffle=False, shuffle_buffer=1)
     T = cfg.num_frames
-    out_dtype = types.FLOAT16 if (cfg.fp16 and device == "mixed") else types.FLOAT
+    out_dtype = output_dtype(cfg, device)
     starts = clip_starts(field(info, "num_frames"), T, cfg.eval_clips)
     videos, audios = [], []
     for start in starts:

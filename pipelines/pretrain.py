@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from stica.pipelines.clips import audio_window, decode_clip, field, log_mel, read_shards
+from stica.pipelines.clips import audio_window, decode_clip, field, log_mel, output_dtype, read_shards
 
 
 def video_view(clip, cfg, out_dtype):
@@ -41,7 +41,7 @@ def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int,
     start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32)
     start = start * fn.cast(span > 0, dtype=types.INT32)  # videos shorter than a clip start at 0 (edge-padded)
     clip = decode_clip(segs, info, start, T, seg_frames, device)
-    out_dtype = types.FLOAT16 if (cfg.fp16 and device == "mixed") else types.FLOAT
+    out_dtype = output_dtype(cfg, device)
     views = [video_view(clip, cfg, out_dtype) for _ in range(cfg.views)]
 
     audio = audio_window(flac, info, start, fps, T / fps, cfg.audio.rate)

@@ -76,6 +76,13 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
 
 
+def normalize(x: torch.Tensor, cfg) -> torch.Tensor:
+    """T,C,H,W pixel levels -> (x - mean) / std with the config's [0, 1]-scale statistics."""
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
 def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
     """frames: T,H,W,3 uint8 -> 3,T,S,S float, one random draw per clip (as in the DALI graph)."""
     x = frames.permute(0, 3, 1, 2).float()
@@ -94,9 +101,7 @@ def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
         x = gaussian_blur(x, cfg.blur_kernel, rng.uniform(*cfg.blur_sigma))
     if rng.random() < cfg.flip_prob:
         x = x.flip(-1)
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
-    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
+    return normalize(x, cfg).permute(1, 0, 2, 3).contiguous()
 
 
 def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int) -> np.ndarray:
@@ -109,9 +114,12 @@ def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int) -> np.nda
     return np.stack(frames + [frames[-1]] * (num_frames - len(frames)))  # edge padding, as DALI's decoder
 
 
-def decode_audio_window(flac: bytes, start: int, fps: int, seconds: float, rate: int) -> torch.Tensor:
+def decode_audio(flac: bytes) -> np.ndarray:
     with av.open(io.BytesIO(flac)) as c:
-        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]).astype(np.float32)
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]).astype(np.float32)
+
+
+def audio_window(audio: np.ndarray, start: int, fps: int, seconds: float, rate: int) -> torch.Tensor:
     a0, n = round(start * rate / fps), round(seconds * rate)
     window = audio[a0:a0 + n]
     return torch.from_numpy(np.pad(window, (0, n - len(window))))
@@ -148,7 +156,8 @@ class ShardSamples(Dataset):
         else:
             starts = [int(span * j / max(1, cfg.eval_clips - 1)) for j in range(cfg.eval_clips)]
         clips = [torch.from_numpy(decode_clip(m["segs"], m["info"], s, T)) for s in starts]
-        audio = [log_mel(decode_audio_window(m["flac"], s, self.fps, T / self.fps, cfg.audio.rate)
+        track = decode_audio(m["flac"])
+        audio = [log_mel(audio_window(track, s, self.fps, T / self.fps, cfg.audio.rate)
                          * (rng.uniform(*cfg.audio.volume_jitter) if self.kind == "pretrain" else 1.0),
                          cfg.audio, self.filters) for s in starts]
         out = {"label": meta["label_index"], "has_audio": bool(meta["has_audio"]), "key": key}
@@ -170,12 +179,10 @@ def eval_crops(frames: torch.Tensor, cfg) -> list[torch.Tensor]:
                       align_corners=False)
     h, w = x.shape[2:]
     positions = [0.0, 0.5, 1.0] if cfg.eval_crops == 3 else [0.5]
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
     crops = []
     for p in positions:
         top, left = round((h - size) * p), round((w - size) * p)
-        crops.append(((x[:, :, top:top + size, left:left + size] - mean) / std).permute(1, 0, 2, 3))
+        crops.append(normalize(x[:, :, top:top + size, left:left + size], cfg).permute(1, 0, 2, 3))
     return crops
 
 

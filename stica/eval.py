@@ -155,9 +155,11 @@ def linear_probe(cfg, model, dist) -> dict:
             opt.step(closure)
             with torch.no_grad():
                 val = topk_accuracy(clf(va), yva)["top1"]
-                if best is None or val > best[0]:
-                    best = (val, wd, topk_accuracy(clf(te), yte))
-        results[f"fold{fold}"] = {"val_top1": best[0], "weight_decay": best[1], **best[2]}
+            if best is None or val > best[0]:
+                best = (val, wd, clf)
+        with torch.no_grad():
+            test = topk_accuracy(best[2](te), yte)
+        results[f"fold{fold}"] = {"val_top1": best[0], "weight_decay": best[1], **test}
     results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("top1", "top5")}
     return results
 

@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -99,8 +100,8 @@ def run_end_to_end(shards: str, p: dict, loader: str) -> dict:
                      "train.log_every=1", "train.ckpt_every=1000000", "optim.epochs=1000"]
         train(["--config", DEFAULT_CONFIG, *overrides])
         records = [json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()][2:]  # warm-up
-    rate = sorted(r["clips_per_s"] for r in records)[len(records) // 2]
-    wait = sorted(r["data_wait_pct"] for r in records)[len(records) // 2]
+    rate = statistics.median(r["clips_per_s"] for r in records)
+    wait = statistics.median(r["data_wait_pct"] for r in records)
     return {"loader": loader, "steps_timed": len(records), "clips_per_s": rate, "data_wait_pct": wait,
             "bound_by": "loader" if wait > 10 else "model"}
 

@@ -13,8 +13,6 @@ from stica.losses import cross_modal_loss, nce, within_modal_loss, within_modal_
 from stica.model import Stica, feature_grid
 from stica.tools.bench_loader import summarize
 
-NO_CROPS = {"space_medium": [0, 1], "space_small": [0, 1], "time_medium": [0, 1], "time_small": [0, 1]}
-
 
 @dataclass(frozen=True)
 class Strategy:
