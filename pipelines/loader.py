@@ -77,6 +77,8 @@ class DaliLoader:
 
     def state_dict(self) -> dict:
         """Where the next batch comes from: a loader built with this state continues exactly."""
+        if self.batch >= len(self):  # the epoch's last batch was taken: the next one starts a new epoch
+            return {"epoch": self.epoch + 1, "batch": 0}
         return {"epoch": self.epoch, "batch": self.batch}
 
     def __iter__(self):

@@ -202,6 +202,8 @@ class ReferenceLoader:
         return n // self.batch_size if self.kind == "pretrain" else -(-n // self.batch_size)
 
     def state_dict(self) -> dict:
+        if self.batch >= len(self):  # the epoch's last batch was taken: the next one starts a new epoch
+            return {"epoch": self.epoch + 1, "batch": 0}
         return {"epoch": self.epoch, "batch": self.batch}
 
     def __iter__(self):

@@ -45,3 +45,18 @@ def load_latest(run_dir: Path, device) -> dict | None:
     if not path.exists():
         return None
     return torch.load(path, map_location=device, weights_only=False)
+
+
+def rescale_position(state: dict, world: int) -> dict:
+    """The loader position of a checkpoint written by another number of processes. Each rank
+    reads a contiguous share of the epoch, so a world-size change can only take effect where no
+    share has been started: at an epoch boundary. Mid-epoch it would repeat or skip samples, so
+    it is refused with what to do instead."""
+    position = state["loader"]
+    if position["batch"] != 0:
+        raise SystemExit(
+            f"this checkpoint (step {state['step']}) was written by {state['world']} processes in the middle of "
+            f"epoch {position['epoch']} (batch {position['batch']}); resuming it with {world} would repeat or skip "
+            f"samples. Resume with {state['world']} processes until the epoch ends (every epoch end writes "
+            f"{LATEST}), then change the world size.")
+    return position

@@ -34,13 +34,33 @@ def setup(backend: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
-def all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    """True when `flag` holds on every rank (one rank's bad loss must stop all of them together)."""
+def any_rank(first_bad: torch.Tensor, stop: bool, device: torch.device) -> tuple[int, bool]:
+    """One all-reduce and one host read: the first non-finite step seen on any rank (0 if none)
+    and whether any rank was asked to stop. Every rank learns both together, so all stop together."""
+    flags = torch.stack([torch.where(first_bad > 0, -first_bad, torch.iinfo(torch.long).min),
+                         torch.tensor(int(stop), device=device)]).to(device)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stopping = flags.tolist()
+    return (-bad if bad != torch.iinfo(torch.long).min else 0), bool(stopping)
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank (a no-op for a world of one)."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
-    dist.all_reduce(t)
-    return t.item() == 0
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's object, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def teardown():

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from stica import checkpoint, distributed
 from stica.config import load_config, save_config
 from stica.crops import sample_crops
-from stica.losses import cross_modal_loss, within_modal_loss, within_modal_pairs
+from stica.losses import Keys, cross_modal_loss, within_modal_loss, within_modal_pairs
 from stica.model import Stica, feature_grid
 from stica.pipelines.loader import build_loader
 
@@ -40,21 +40,35 @@ def learning_rate(step: int, cfg, peak: float, steps_per_epoch: int) -> float:
 
 
 def stica_loss(model, batch, cfg, generator, device, channels_last: bool):
-    """Eq. (7): weight_va * L_va + weight_vv * L_vv, with L_vv over the two views' feature crops."""
+    """Eq. (7): weight_va * L_va + weight_vv * L_vv, with L_vv over the two views' feature crops.
+    Every embedding of the step is gathered across ranks once (losses.Keys)."""
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     views = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in batch["video"]]
     spec = batch["audio"].to(device, non_blocking=True)
     grid = feature_grid(*views[0].shape[2:])
     crops = [sample_crops(cfg.crops, grid, generator) for _ in views] if len(views) == 2 else []
     out = model(views, spec, crops)
-    l_va = cross_modal_loss(out["video"], out["audio"], cfg.loss.temp_va)
+    keys = Keys.of_step(out, batch["has_audio"].to(device, non_blocking=True))
+    l_va = cross_modal_loss(keys, keys.video, keys.audio, cfg.loss.temp_va)
     terms = {"l_va": l_va}
     loss = cfg.loss.weight_va * l_va
     pairs = within_modal_pairs(*crops) if crops else []
     if pairs:
-        terms["l_vv"] = within_modal_loss(out["crops"][0], out["crops"][1], pairs, cfg.loss.temp_vv)
+        terms["l_vv"] = within_modal_loss(keys, *keys.crops, pairs, cfg.loss.temp_vv)
         loss = loss + cfg.loss.weight_vv * terms["l_vv"]
     return loss, terms
+
+
+def train_step(model, batch, cfg, generator, device, channels_last, amp_dtype, optimizer, scaler):
+    """Forward, backward and update with no host-device synchronisation: the loss and its terms
+    come back as device tensors, read on the log cadence."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss, terms = stica_loss(model, batch, cfg, generator, device, channels_last)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # a fused optimizer takes the scaler's inf check on the device
+    scaler.update()
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}
 
 
 class StopRequest:
@@ -83,12 +97,19 @@ def main(argv=None):
     torch.manual_seed(cfg.run.seed + dist.rank)
     np.random.seed(cfg.run.seed + dist.rank)
     gpu = dist.device.type == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # fixed clip shapes: pick the fastest kernels once
     log = Logger(run_dir, dist.main)
-    resume = checkpoint.load_latest(run_dir, "cpu")
+    # Rank 0 reads the checkpoint and hands it to every rank: a node that cannot see the run
+    # directory must not start from random weights.
+    resume = distributed.broadcast_object(checkpoint.load_latest(run_dir, "cpu") if dist.main else None)
+    loader_state = resume["loader"] if resume else None
+    if resume and resume.get("world", dist.world) != dist.world:
+        loader_state = checkpoint.rescale_position(resume, dist.world)
 
     # Data
     loader = build_loader(cfg.data, dist.rank, dist.world, dist.local_rank, backend=cfg.data.loader,
-                          workers=cfg.data.workers, state=resume["loader"] if resume else None)
+                          workers=cfg.data.workers, state=loader_state)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise SystemExit(f"{cfg.data.shards}: fewer samples per rank than data.batch_size={cfg.data.batch_size}")
@@ -99,55 +120,77 @@ def main(argv=None):
 
     # Model
     model = Stica(cfg.model)
+    if resume:  # before the DDP wrap, whose constructor broadcasts rank 0's weights anyway
+        model.load_state_dict(resume["model"])
     if cfg.train.sync_bn and dist.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(dist.device)
     channels_last = cfg.train.channels_last and gpu
-    model = model.to(dist.device, memory_format=torch.channels_last_3d if channels_last else torch.preserve_format)
+    if channels_last:  # the video trunk only: the audio trunk is 2-D
+        model.video.to(memory_format=torch.channels_last_3d)
+    if cfg.train.compile:
+        # The trunks, not the DDP wrapper: crop offsets change every step and would recompile it.
+        # Module.compile keeps the state_dict keys unchanged.
+        model.video.compile()
+        model.audio.compile()
     core = model
     if dist.world > 1:
-        model = DistributedDataParallel(model, device_ids=[dist.local_rank] if gpu else None)
-    if cfg.train.compile:
-        model = torch.compile(model)
+        # SyncBN keeps the statistics equal on every rank, so broadcasting buffers would be redundant.
+        model = DistributedDataParallel(model, device_ids=[dist.local_rank] if gpu else None,
+                                        gradient_as_bucket_view=True, broadcast_buffers=not cfg.train.sync_bn)
 
     # Optimiser (lr scaled by the global batch)
     peak_lr = cfg.optim.base_lr * global_batch / cfg.optim.base_batch
+    # Fused SGD on the GPU takes the grad scaler's inf check without a host sync.
     optimizer = torch.optim.SGD(core.parameters(), lr=peak_lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+                                weight_decay=cfg.optim.weight_decay, fused=gpu or None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if gpu else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # Resume
     step = 0
     if resume:
-        core.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
-        checkpoint.set_rng_state(resume["rng"][dist.rank] if dist.rank < len(resume["rng"]) else resume["rng"][0])
-        step = resume["step"]
+        if resume.get("world", dist.world) == dist.world:
+            checkpoint.set_rng_state(resume["rng"][dist.rank])
+            step = resume["step"]
+        else:  # a new world size: the schedule continues from the epoch boundary (samples seen)
+            step = loader.epoch * steps_per_epoch
         log.info(f"resumed from {run_dir / checkpoint.LATEST} at step {step} (epoch {loader.epoch}, "
-                 f"batch {loader.batch})")
+                 f"batch {loader.batch}, {resume.get('world', dist.world)} -> {dist.world} process(es))")
     log.info(f"{dist.world} process(es) on {dist.device.type}, global batch {global_batch}, {steps_per_epoch} "
              f"steps/epoch, peak lr {peak_lr:.4g}, {sum(p.numel() for p in core.parameters()) / 1e6:.2f}M params")
 
     saved = step
+    stop = StopRequest()
+    meter = Meter(dist.device)
+
+    def check_health():
+        """The one host sync of a log window: every rank learns whether any rank saw a
+        non-finite loss or a stop request since the last check. Checked before every save,
+        so a checkpoint never holds weights updated by a non-finite loss."""
+        bad_step, stopping = distributed.any_rank(meter.first_bad, stop.signal is not None, dist.device)
+        if bad_step:
+            log.info(f"non-finite loss at step {bad_step} (window means: {meter.means()}); stopping. The last "
+                     f"good checkpoint ({run_dir / checkpoint.LATEST}, step {saved}) is kept: lower "
+                     f"optim.base_lr or check the data.")
+            distributed.teardown()
+            sys.exit(2)
+        return stopping
 
     def save(keep_as=None):
         nonlocal saved
         saved = step
-        rng = [None] * dist.world
-        if dist.world > 1:
-            torch.distributed.all_gather_object(rng, checkpoint.rng_state())
-        else:
-            rng = [checkpoint.rng_state()]
+        rng = distributed.gather_objects(checkpoint.rng_state())
         if dist.main:
             checkpoint.save(run_dir, {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                                       "scaler": scaler.state_dict(), "step": step, "loader": loader.state_dict(),
+                                      "world": dist.world, "samples_seen": step * global_batch,
                                       "rng": rng, "config": OmegaConf.to_container(cfg, resolve=True)}, keep_as)
 
     # Loop
-    stop = StopRequest()
     model.train()
-    meter = Meter()
     while step < total_steps:
         t_wait = time.perf_counter()
         for batch in loader:
@@ -156,39 +199,32 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             generator = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + step) * dist.world + dist.rank)
-            with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, terms = stica_loss(model, batch, cfg, generator, dist.device, channels_last)
-            finite = bool(torch.isfinite(loss.detach()))
-            # One all-reduce decides for every rank together: a bad loss or a stop request anywhere stops all.
-            healthy = distributed.all_ranks_agree(finite and stop.signal is None, dist.device)
-            if not healthy and not distributed.all_ranks_agree(finite, dist.device):
-                log.info(f"non-finite loss at step {step + 1} (loss {loss.item()}, "
-                         f"{ {k: float(v) for k, v in terms.items()} }); stopping. The last good checkpoint "
-                         f"({run_dir / checkpoint.LATEST}) is kept: lower optim.base_lr or check the data.")
-                distributed.teardown()
-                sys.exit(2)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, terms = train_step(model, batch, cfg, generator, dist.device, channels_last, amp_dtype,
+                                     optimizer, scaler)
             step += 1
-            meter.add(t_got - t_wait, time.perf_counter() - t_wait, loss.detach(), {k: v.detach() for k, v in terms.items()})
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                log.step(step, total_steps, loader.epoch, lr, meter, global_batch, dist.device)
-            if not healthy:  # a stop request: save this step, then leave
-                save()
-                log.info(f"{stop.signal or 'stop request'}: saved step {step}; rerun the same command to resume")
-                distributed.teardown()
-                return
-            if step % cfg.train.ckpt_every == 0:
-                save()
-            if step >= total_steps:
+            meter.add(step, t_got - t_wait, time.perf_counter() - t_wait, loss, terms)
+            last = step >= total_steps
+            if step % cfg.train.log_every == 0 or step % cfg.train.ckpt_every == 0 or last:
+                stopping = check_health()
+                if step % cfg.train.log_every == 0 or last:
+                    log.step(step, total_steps, loader.epoch, lr, meter, global_batch, dist.device)
+                if stopping:  # a scheduler's notice: save this step, then leave
+                    save()
+                    log.info(f"{stop.signal or 'stop request on another rank'}: saved step {step}; rerun the "
+                             f"same command to resume")
+                    distributed.teardown()
+                    return
+                if step % cfg.train.ckpt_every == 0:
+                    save()
+            if last:
                 break
             t_wait = time.perf_counter()
         if loader.batch == 0:  # an epoch ended
+            check_health()
             keep = loader.epoch % cfg.train.keep_every_epochs == 0 or step >= total_steps
             save(f"epoch-{loader.epoch:03d}.pt" if keep else None)
     if saved != step:
+        check_health()
         save()
     log.info(f"done: {step} steps; checkpoint {run_dir / checkpoint.LATEST}, log {run_dir / 'log.jsonl'}")
     if dist.main:
@@ -199,22 +235,29 @@ def main(argv=None):
 
 
 class Meter:
-    """Sums over the current log window."""
+    """Sums over the current log window; losses stay on the device until the window is read."""
 
-    def __init__(self):
+    def __init__(self, device):
+        self.device = device
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # first non-finite step, 0 if none
         self.reset()
 
     def reset(self):
         self.steps, self.wait, self.total, self.start = 0, 0.0, 0.0, time.perf_counter()
-        self.loss, self.terms = 0.0, {}
+        self.sums = None
 
-    def add(self, wait, total, loss, terms):
+    def add(self, step, wait, total, loss, terms):
         self.steps += 1
         self.wait += wait
         self.total += total
-        self.loss += float(loss)
-        for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0.0) + float(v)
+        values = torch.stack([loss, *terms.values()]).float()
+        self.names = ["loss", *terms]
+        self.sums = values if self.sums is None else self.sums + values
+        bad = ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+
+    def means(self) -> dict:
+        return {k: v / self.steps for k, v in zip(self.names, self.sums.tolist())}
 
 
 class Logger:
@@ -235,13 +278,13 @@ class Logger:
         elapsed = time.perf_counter() - m.start
         rate = m.steps * global_batch / elapsed
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        record = {"step": step, "epoch": epoch, "loss": m.loss / m.steps,
-                  **{k: v / m.steps for k, v in m.terms.items()}, "lr": lr, "clips_per_s": rate,
+        means = m.means()
+        record = {"step": step, "epoch": epoch, **means, "lr": lr, "clips_per_s": rate,
                   "data_wait_pct": 100 * m.wait / max(m.total, 1e-9), "gpu_mem_gib": memory, "time": time.time()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         eta = (total - step) * elapsed / m.steps
-        terms = " ".join(f"{k} {v / m.steps:.4f}" for k, v in m.terms.items())
+        terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
         mem = f" mem {memory:.1f}G" if memory is not None else ""
         print(f"[stica.train] step {step}/{total} ep {epoch} loss {record['loss']:.4f} ({terms}) lr {lr:.4g} "
               f"{rate:.1f} clips/s data-wait {record['data_wait_pct']:.0f}%{mem} eta {eta / 60:.1f} min", flush=True)

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from stica.config import load_config
 from stica.crops import sample_crops
-from stica.losses import cross_modal_loss, nce, within_modal_loss, within_modal_pairs
+from stica.losses import Keys, cross_modal_loss, nce, within_modal_loss, within_modal_pairs
 from stica.model import Stica, feature_grid
 
 CONFIG = "configs/pretrain_kinetics.yaml"
@@ -76,25 +76,34 @@ def test_within_modal_pairs_count_is_2_times_m_plus_n_squared_minus_n_squared():
     assert not any(c1[i].small and c2[j].small for i, j in pairs)
     z1 = [F.normalize(torch.randn(3, 4), dim=1) for _ in c1]
     z2 = [F.normalize(torch.randn(3, 4), dim=1) for _ in c2]
+    keys = Keys(z1 + z2)
+    i1, i2 = list(range(len(z1))), list(range(len(z1), len(z1) + len(z2)))
     expected = sum(nce(z1[i], z2[j], 0.5) + nce(z2[j], z1[i], 0.5) for i, j in pairs) / (2 * len(pairs))
-    assert abs(within_modal_loss(z1, z2, pairs, 0.5).item() - expected.item()) < 1e-6
+    assert abs(within_modal_loss(keys, i1, i2, pairs, 0.5).item() - expected.item()) < 1e-6
 
 
 def test_cross_modal_loss_is_the_mean_of_its_four_terms():
     v = [F.normalize(torch.randn(4, 6), dim=1) for _ in range(2)]
     a = F.normalize(torch.randn(4, 6), dim=1)
     expected = (nce(v[0], a, 0.1) + nce(v[1], a, 0.1) + nce(a, v[0], 0.1) + nce(a, v[1], 0.1)) / 4
-    assert abs(cross_modal_loss(v, a, 0.1).item() - expected.item()) < 1e-6
+    assert abs(cross_modal_loss(Keys([a, *v]), [1, 2], 0, 0.1).item() - expected.item()) < 1e-6
 
 
-def test_transformer_pooling_options():
-    for token, positional in (("first", False), ("cls", True)):
-        cfg = load_config(CONFIG, ["model.width=0.125", f"model.transformer.token={token}",
-                                   f"model.transformer.positional={positional}", "model.transformer.heads=2"])
-        model = Stica(cfg.model).eval()
-        out = model(views=[torch.randn(2, 3, 16, 32, 32)] * 2, spec=torch.randn(2, 1, 64, 40))
-        assert tuple(out["video"][0].shape) == (2, 256)
-        assert torch.allclose(out["video"][0].norm(dim=1), torch.ones(2))
+def test_clips_without_audio_are_left_out_of_the_cross_modal_loss_only():
+    """A batch mixing silent and audible clips: L_va equals L_va of the audible clips alone (the
+    silent ones are neither queries nor negatives), while L_vv still counts every clip."""
+    torch.manual_seed(3)
+    v = [F.normalize(torch.randn(6, 8), dim=1) for _ in range(2)]
+    a = F.normalize(torch.randn(6, 8), dim=1)
+    has_audio = torch.tensor([True, False, True, True, False, True])
+    mixed = cross_modal_loss(Keys([a, *v], has_audio), [1, 2], 0, 0.1)
+    audible = cross_modal_loss(Keys([a[has_audio], *(x[has_audio] for x in v)]), [1, 2], 0, 0.1)
+    assert abs(mixed.item() - audible.item()) < 1e-6
+    assert abs(mixed.item() - cross_modal_loss(Keys([a, *v]), [1, 2], 0, 0.1).item()) > 1e-3
+    within = within_modal_loss(Keys([a, *v], has_audio), [1], [2], [(0, 0)], 0.5)
+    assert abs(within.item() - (nce(v[0], v[1], 0.5) + nce(v[1], v[0], 0.5)).item() / 2) < 1e-6
+    silent = cross_modal_loss(Keys([a, *v], torch.zeros(6, dtype=torch.bool)), [1, 2], 0, 0.1)
+    assert silent.item() == 0.0  # an all-silent batch contributes nothing, and no NaN
 
 
 def _gather_worker(rank, world, port, q, k, out):
@@ -104,7 +113,8 @@ def _gather_worker(rank, world, port, q, k, out):
     n = q.shape[0] // world
     ql = q[rank * n:(rank + 1) * n].clone().requires_grad_()
     kl = k[rank * n:(rank + 1) * n].clone().requires_grad_()
-    nce(ql, kl, 0.2).backward()
+    keys = Keys([ql, kl])
+    keys.nce(0, 1, 0.2).backward()
     out[rank] = torch.cat([ql.grad, kl.grad], dim=1)
     dist.destroy_process_group()
 
@@ -129,3 +139,60 @@ def test_cross_rank_negatives_give_the_gradients_of_the_global_loss():
     total.backward()
     expected = torch.cat([qf.grad, kf.grad], dim=1)
     torch.testing.assert_close(torch.cat([out[r] for r in range(world)]), expected, atol=1e-6, rtol=1e-5)
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+               "reduce_scatter_tensor", "reduce_scatter_single",
+               "broadcast", "_broadcast_coalesced", "all_gather_object", "broadcast_object_list", "barrier",
+               "all_to_all_single", "reduce", "gather", "scatter")
+
+
+def _collectives_worker(rank, world, port, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stica import distributed
+    from stica.train import Meter, train_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = load_config("configs/demo.yaml", ["model.transformer.heads=2"])
+    model = DistributedDataParallel(Stica(cfg.model), gradient_as_bucket_view=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    batch = {"video": [torch.randn(4, 3, 16, 64, 64) for _ in range(2)], "audio": torch.randn(4, 1, 64, 49),
+             "has_audio": torch.tensor([True, True, False, True])}
+    meter = Meter(torch.device("cpu"))
+    calls = []
+    for name in COLLECTIVES:  # every Python-level collective; DDP's gradient buckets run in C++
+        real = getattr(dist, name)
+        setattr(dist, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    counts = []
+    for step in range(1, 4):
+        calls.clear()
+        loss, terms = train_step(model, batch, cfg, torch.Generator().manual_seed(step), torch.device("cpu"), False,
+                                 None, optimizer, scaler)
+        meter.add(step, 0.0, 0.0, loss, terms)
+        distributed.any_rank(meter.first_bad, False, torch.device("cpu"))  # the trainer's health check
+        counts.append(list(calls))
+    out[rank] = counts
+    dist.destroy_process_group()
+
+
+def test_a_training_step_issues_at_most_four_collectives_outside_ddp_buckets():
+    """2 processes on gloo, the paper's crop recipe scaled to the demo's map (2x3^2 + 2x2^2, 1x2 + 1x1:
+    56 within-modal and 4 cross-modal NCE terms): one all_gather of all the step's embeddings, its
+    reduce-scatter in backward, DDP's buffer broadcast and the health check, whatever the term count."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_collectives_worker, args=(2, port, out), nprocs=2)
+    for rank in range(2):
+        for calls in out[rank]:
+            assert len(calls) <= 4, calls
+            assert sum(c.startswith("all_gather_") for c in calls) == 1 and sum(c.startswith("reduce_scatter_") for c in calls) == 1, calls

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from stica.crops import sample_crops
-from stica.losses import cross_modal_loss, nce, within_modal_loss, within_modal_pairs
+from stica.losses import Keys, cross_modal_loss, within_modal_loss, within_modal_pairs
 from stica.model import Stica, feature_grid
 from stica.tools.bench_loader import summarize
 
@@ -47,14 +47,15 @@ def strategy_loss(model, strategy: Strategy, views, spec, cfg, generator):
         crops = [sample_crops(OmegaConf.create(strategy.crops), grid, generator) for _ in range(2)]
         crops += [[] for _ in views[2:]]
     out = model(views, spec, crops)
-    large = out["video"][:strategy.large]
-    loss = cfg.loss.weight_va * cross_modal_loss(large, out["audio"], cfg.loss.temp_va)
+    keys = Keys.of_step(out)
+    loss = cfg.loss.weight_va * cross_modal_loss(keys, keys.video[:strategy.large], keys.audio, cfg.loss.temp_va)
     if crops:
         pairs = within_modal_pairs(crops[0], crops[1])
-        loss = loss + cfg.loss.weight_vv * within_modal_loss(out["crops"][0], out["crops"][1], pairs, cfg.loss.temp_vv)
-    elif len(out["video"]) > 1:
-        z, n_large = out["video"], strategy.large
-        terms = [nce(z[i], z[j], cfg.loss.temp_vv) for i in range(len(z)) for j in range(len(z))
+        loss = loss + cfg.loss.weight_vv * within_modal_loss(keys, keys.crops[0], keys.crops[1], pairs,
+                                                             cfg.loss.temp_vv)
+    elif len(keys.video) > 1:
+        z, n_large = keys.video, strategy.large
+        terms = [keys.nce(z[i], z[j], cfg.loss.temp_vv) for i in range(len(z)) for j in range(len(z))
                  if i != j and (i < n_large or j < n_large)]
         loss = loss + cfg.loss.weight_vv * torch.stack(terms).mean()
     return loss
