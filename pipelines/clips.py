@@ -26,9 +26,14 @@ def read_shards(tars, idxs, shard_id, num_shards, shuffle: bool, shuffle_buffer:
     return segs, flac, info, key
 
 
-def output_dtype(cfg, device: str):
-    """fp16 clips only on the GPU path, where the model consumes them under autocast."""
-    return types.FLOAT16 if (cfg.fp16 and device == "mixed") else types.FLOAT
+def output_dtype(cfg, mode: str):
+    """fp16 clips only on the GPU paths, where the model consumes them under autocast."""
+    return types.FLOAT16 if (cfg.fp16 and mode != "cpu") else types.FLOAT
+
+
+def to_augment_device(data, mode: str):
+    """cpu: everything on the CPU; hybrid: CPU decode, GPU augmentation; mixed: NVDEC decode."""
+    return data if mode == "cpu" or data.device == "gpu" else data.gpu()
 
 
 def field(info, name):
@@ -39,8 +44,9 @@ def _scalar(value: int):
     return fn.reshape(fn.constant(idata=[value], dtype=types.INT32), shape=[])
 
 
-def decode_clip(segs, info, start, num_frames: int, seg_frames: int, device: str):
-    """Frames [start, start + num_frames) as FHWC uint8, decoding only the segments they touch.
+def decode_clip(segs, info, start, num_frames: int, seg_frames: int, mode: str):
+    """Frames [start, start + num_frames) as FHWC uint8, decoding only the segments they touch,
+    on NVDEC (mode mixed) or the CPU (cpu, hybrid); on the GPU unless mode is cpu.
 
     A clip of T frames touches at most ceil((T - 1) / S) + 1 segments of S frames, so the graph
     has that many decoder calls. Call i decodes segment a + i (a = start // S) from frame r =
@@ -64,18 +70,22 @@ def decode_clip(segs, info, start, num_frames: int, seg_frames: int, device: str
             (1 - fn.cast(is_last, dtype=types.INT32)) * dmath.min(want, seg_len - offset)
         data = fn.slice(segs, fn.reshape(info[INFO_OFFSETS + k], shape=[1]),
                         fn.reshape(info[INFO_OFFSETS + k + 1] - info[INFO_OFFSETS + k], shape=[1]), axes=[0])
-        pieces.append(fn.decoders.video(data, device=device, start_frame=offset, sequence_length=length,
-                                        pad_mode="edge"))
+        pieces.append(fn.decoders.video(data, device="mixed" if mode == "mixed" else "cpu", start_frame=offset,
+                                        sequence_length=length, pad_mode="edge"))
         done = done + length
     clip = fn.cat(*pieces, axis=0) if len(pieces) > 1 else pieces[0]
-    return fn.slice(clip, start=[0], shape=[num_frames], axes=[0])
+    return to_augment_device(fn.slice(clip, start=[0], shape=[num_frames], axes=[0]), mode)
 
 
-def audio_window(flac, info, start, fps: int, seconds: float, rate: int):
+def decode_audio(flac, rate: int):
+    """The whole track as float samples at `rate` (raw int16 amplitudes, as the reference's filterbank saw them)."""
+    audio, _ = fn.decoders.audio(flac, dtype=types.INT16, downmix=True, sample_rate=rate)
+    return fn.cast(audio, dtype=types.FLOAT)
+
+
+def audio_window(audio, start, fps: int, seconds: float, rate: int):
     """The audio that plays with the clip: it starts at the clip's first frame (the packer put
     sample 0 at video frame 0), zero-padded past the end of the track."""
-    audio, _ = fn.decoders.audio(flac, dtype=types.INT16, downmix=True, sample_rate=rate)
-    audio = fn.cast(audio, dtype=types.FLOAT)  # raw int16 amplitudes, as the reference's filterbank saw them
     a0 = fn.cast(fn.cast(start, dtype=types.FLOAT) * (rate / fps), dtype=types.INT32)
     return fn.slice(audio, fn.reshape(a0, shape=[1]), [int(round(seconds * rate))], axes=[0],
                     out_of_bounds_policy="pad")

@@ -7,11 +7,36 @@ import torch
 from stica.shards import load_manifest, shard_paths
 
 
-def resolve_device(name: str) -> str:
+# Smallest frame NVDEC decodes, per codec (NVIDIA's NVDEC application note lists minimum sizes;
+# VP9's is 128x128). `stica-bench --gpu-check` probes the real limit on the GPU at hand.
+NVDEC_MIN_SIDE = {"vp9": 128, "h264": 48}
+MODES = ("auto", "cpu", "hybrid", "mixed")
+
+
+def resolve_device(name: str, codec: str, short_side: int, shards="shards") -> str:
+    """Where clips are decoded and augmented: cpu (both on the CPU), hybrid (CPU decode, GPU
+    augmentation and spectrogram) or mixed (NVDEC decode, GPU augmentation).
+
+    auto: cpu without a GPU; mixed for H.264 (DALI's CPU decoder cannot read it); hybrid for
+    VP9. At the default 128-px short side a 30-frame VP9 clip costs a CPU core about 7 ms
+    (research/dali.md), so 150 clips/s take about one core, while NVDEC pays a per-call set-up
+    and peers measure CPU decoding faster on small frames (torchcodec: 86 vs 15 frames/s at
+    540p). `stica-bench --gpu-check` measures all three modes side by side on the GPU at hand.
+    """
+    if name not in MODES:
+        raise ValueError(f"data.device must be one of {', '.join(MODES)}, not {name!r}")
+    gpu = torch.cuda.is_available()
     if name == "auto":
-        return "mixed" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "mixed"):
-        raise ValueError(f"data.device must be auto, cpu or mixed, not {name!r}")
+        name = "cpu" if not gpu else "mixed" if codec == "h264" else "hybrid"
+    if name != "cpu" and not gpu:
+        raise ValueError(f"data.device={name} needs a GPU and none is visible; use data.device=cpu")
+    if codec != "vp9" and name != "mixed":
+        raise ValueError(f"{shards}: {codec} shards decode only on the GPU (data.device=mixed); DALI's CPU "
+                         "decoder takes VP8, VP9 and MJPEG (repack with --codec vp9 for CPU decoding)")
+    if name == "mixed" and short_side < NVDEC_MIN_SIDE[codec]:
+        raise ValueError(f"{shards}: packed at short side {short_side}, below NVDEC's {NVDEC_MIN_SIDE[codec]}-px "
+                         f"minimum for {codec}; repack with --short-side {NVDEC_MIN_SIDE[codec]} (the default 128) "
+                         "or decode on the CPU (data.device=hybrid or cpu)")
     return name
 
 
@@ -38,10 +63,7 @@ class DaliLoader:
                  state: dict | None = None):
         self.cfg, self.rank, self.world, self.local_rank, self.kind = cfg, rank, world, local_rank, kind
         self.opts = load_manifest(cfg.shards)["options"]
-        self.device = resolve_device(cfg.device)
-        if self.device == "cpu" and self.opts["codec"] != "vp9":
-            raise ValueError(f"{cfg.shards}: {self.opts['codec']} shards decode only on the GPU (data.device=mixed);"
-                             " DALI's CPU decoder takes VP8, VP9 and MJPEG")
+        self.device = resolve_device(cfg.device, self.opts["codec"], self.opts["short_side"], cfg.shards)
         self.video_names = [f"view{i}" for i in range(cfg.views)] if kind == "pretrain" else ["video"]
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
         self._next = self._build(self.epoch)
@@ -54,7 +76,7 @@ class DaliLoader:
         cfg = self.cfg
         tars, idxs = shard_paths(cfg.shards, cfg.split)
         common = dict(batch_size=cfg.batch_size, num_threads=cfg.threads, prefetch_queue_depth=cfg.prefetch,
-                      device_id=self.local_rank if self.device == "mixed" else None, exec_dynamic=True,
+                      device_id=self.local_rank if self.device != "cpu" else None, exec_dynamic=True,
                       seed=(cfg.seed + 7919 * self.rank + 104729 * epoch) % 2**31)
         args = (tars, idxs, cfg, self.opts["seg_frames"], self.opts["fps"])
         if self.kind == "pretrain":

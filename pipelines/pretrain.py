@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from stica.pipelines.clips import audio_window, decode_clip, field, log_mel, output_dtype, read_shards
+from stica.pipelines.clips import (audio_window, decode_audio, decode_clip, field, log_mel, output_dtype, read_shards,
+                                   to_augment_device)
 
 
 def video_view(clip, cfg, out_dtype):
@@ -33,23 +34,21 @@ def video_view(clip, cfg, out_dtype):
 
 
 @pipeline_def(enable_conditionals=True)
-def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int, num_shards: int, device: str):
+def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int, num_shards: int, mode: str):
     segs, flac, info, key = read_shards(tars, idxs, shard_id, num_shards, shuffle=True,
                                         shuffle_buffer=cfg.shuffle_buffer)
     T = cfg.num_frames
     span = fn.cast(field(info, "num_frames") - T + 1, dtype=types.FLOAT)
     start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32)
     start = start * fn.cast(span > 0, dtype=types.INT32)  # videos shorter than a clip start at 0 (edge-padded)
-    clip = decode_clip(segs, info, start, T, seg_frames, device)
-    out_dtype = output_dtype(cfg, device)
+    clip = decode_clip(segs, info, start, T, seg_frames, mode)
+    out_dtype = output_dtype(cfg, mode)
     views = [video_view(clip, cfg, out_dtype) for _ in range(cfg.views)]
 
-    audio = audio_window(flac, info, start, fps, T / fps, cfg.audio.rate)
+    audio = audio_window(decode_audio(flac, cfg.audio.rate), start, fps, T / fps, cfg.audio.rate)
     lo, hi = cfg.audio.volume_jitter
     if hi > lo:
         audio = audio * fn.random.uniform(range=[lo, hi])
-    if device == "mixed":
-        audio = audio.gpu()
-    spec = log_mel(audio, cfg.audio)
+    spec = log_mel(to_augment_device(audio, mode), cfg.audio)
     label = field(info, "label_index")
     return (*views, spec, label, field(info, "has_audio"), start, key)

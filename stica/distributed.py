@@ -34,6 +34,11 @@ def setup(backend: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def amp_dtype(amp: str, device: torch.device):
+    """The autocast dtype of train.amp (bf16 | fp16 | none); mixed precision is used on GPUs only."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
+
+
 def any_rank(first_bad: torch.Tensor, stop: bool, device: torch.device) -> tuple[int, bool]:
     """One all-reduce and one host read: the first non-finite step seen on any rank (0 if none)
     and whether any rank was asked to stop. Every rank learns both together, so all stop together."""

@@ -60,6 +60,14 @@ def gather_by_key(rows: dict, dist) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
+def in_chunks(fn, x: torch.Tensor, cfg, device) -> torch.Tensor:
+    """fn over the rows of x, eval.chunk rows per forward, under autocast (train.amp) on the GPU:
+    8 videos x 10 clips x 3 crops in one fp32 forward would peak at tens of GiB."""
+    amp = distributed.amp_dtype(cfg.train.amp, device)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        return torch.cat([fn(part.to(device, non_blocking=True).float()).float() for part in x.split(cfg.eval.chunk)])
+
+
 def progress(name: str, i: int, total: int, t0: float):
     if i % 10 == 0 or i == total:
         rate = i / max(time.perf_counter() - t0, 1e-9)
@@ -68,18 +76,18 @@ def progress(name: str, i: int, total: int, t0: float):
 
 
 @torch.no_grad()
-def video_features(model: Stica, data_cfg, split: str, dist) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def video_features(model: Stica, cfg, split: str, dist) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Per video: the trunk's last-block map of each of eval_clips uniform clips (centre crop),
     max-pooled, then averaged over the clips (the retrieval protocol the paper follows)."""
     model.eval().to(dist.device)
-    loader = build_loader(split_cfg(data_cfg, split, eval_crops=1), dist.rank, dist.world, dist.local_rank,
-                          kind="eval", backend=data_cfg.loader, workers=data_cfg.workers)
+    loader = build_loader(split_cfg(cfg.data, split, eval_crops=1), dist.rank, dist.world, dist.local_rank,
+                          kind="eval", backend=cfg.data.loader, workers=cfg.data.workers)
     rows, t0 = {}, time.perf_counter()
     for i, batch in enumerate(loader, 1):
-        clips = batch["video"][0].to(dist.device)
+        clips = batch["video"][0]
         B, N = clips.shape[:2]
-        fmap = model.video(clips.flatten(0, 1).float())
-        feats = fmap.amax(dim=(2, 3, 4)).view(B, N, -1).mean(dim=1).cpu()
+        pooled = in_chunks(lambda x: model.video(x).amax(dim=(2, 3, 4)), clips.flatten(0, 1), cfg, dist.device)
+        feats = pooled.view(B, N, -1).mean(dim=1).cpu()
         rows.update({k: (f, int(l)) for k, f, l in zip(batch["key"], feats, batch["label"])})
         progress(f"features {split}", i, len(loader), t0)
     rows = gather_by_key(rows, dist)
@@ -98,8 +106,8 @@ def recall_at_k(queries, query_labels, gallery, gallery_labels, ks=(1, 5, 20)) -
 def retrieval(cfg, model, dist) -> dict:
     results = {}
     for fold in cfg.eval.folds:
-        train_f, train_y, _ = video_features(model, cfg.data, split_name(cfg, "train", fold), dist)
-        test_f, test_y, _ = video_features(model, cfg.data, split_name(cfg, "test", fold), dist)
+        train_f, train_y, _ = video_features(model, cfg, split_name(cfg, "train", fold), dist)
+        test_f, test_y, _ = video_features(model, cfg, split_name(cfg, "test", fold), dist)
         results[f"fold{fold}"] = recall_at_k(test_f, test_y, train_f, train_y, cfg.eval.recall_at)
     results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in next(iter(results.values()))}
     return results
@@ -114,8 +122,8 @@ def av_retrieval(cfg, model, dist) -> dict:
     rows = {}
     for batch in build_loader(data, dist.rank, dist.world, dist.local_rank, kind="eval", backend=data.loader,
                               workers=data.workers):
-        v = model.embed_map(model.video(batch["video"][0][:, 0].to(dist.device).float()))
-        a = model.embed_audio(batch["audio"][:, 0].to(dist.device).float())
+        v = in_chunks(lambda x: model.embed_map(model.video(x)), batch["video"][0][:, 0], cfg, dist.device)
+        a = in_chunks(model.embed_audio, batch["audio"][:, 0], cfg, dist.device)
         rows.update({k: (vi.cpu(), ai.cpu()) for k, vi, ai in zip(batch["key"], v, a)})
     rows = gather_by_key(rows, dist)
     keys = sorted(rows)
@@ -138,7 +146,7 @@ def linear_probe(cfg, model, dist) -> dict:
     num_classes = cfg.eval.num_classes
     for fold in cfg.eval.folds:
         (tr, ytr, _), (va, yva, _), (te, yte, _) = (
-            video_features(model, cfg.data, split_name(cfg, s, fold), dist) for s in ("train", "val", "test"))
+            video_features(model, cfg, split_name(cfg, s, fold), dist) for s in ("train", "val", "test"))
         mean, std = tr.mean(0), tr.std(0) + 1e-6
         tr, va, te = ((x - mean) / std for x in (tr, va, te))
         best = None
@@ -179,16 +187,16 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
-def score_videos(net: nn.Module, data_cfg, split: str, dist) -> dict:
+def score_videos(net: nn.Module, cfg, split: str, dist) -> dict:
     """eval_clips x eval_crops views per video, logits averaged per video (as released)."""
     net.eval()
-    loader = build_loader(split_cfg(data_cfg, split), dist.rank, dist.world, dist.local_rank, kind="eval",
-                          backend=data_cfg.loader, workers=data_cfg.workers)
+    loader = build_loader(split_cfg(cfg.data, split), dist.rank, dist.world, dist.local_rank, kind="eval",
+                          backend=cfg.data.loader, workers=cfg.data.workers)
     rows = {}
     for batch in loader:
-        clips = batch["video"][0].to(dist.device)
+        clips = batch["video"][0]
         B, N = clips.shape[:2]
-        logits = net(clips.flatten(0, 1).float()).view(B, N, -1).mean(dim=1).cpu()
+        logits = in_chunks(net, clips.flatten(0, 1), cfg, dist.device).view(B, N, -1).mean(dim=1).cpu()
         rows.update({k: (z, int(l)) for k, z, l in zip(batch["key"], logits, batch["label"])})
     rows = gather_by_key(rows, dist)
     keys = sorted(rows)
@@ -212,6 +220,8 @@ def finetune(cfg, model, dist) -> dict:
         loader = build_loader(train_cfg, dist.rank, dist.world, dist.local_rank, backend=cfg.data.loader,
                               workers=cfg.data.workers)
         steps_per_epoch = len(loader) * f.clips_per_video
+        amp = distributed.amp_dtype(cfg.train.amp, dist.device)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
         best, step, t0 = None, 0, time.perf_counter()
         for epoch in range(f.epochs):
             ddp.train()
@@ -223,13 +233,15 @@ def finetune(cfg, model, dist) -> dict:
                     factor *= f.gamma ** sum(e >= m for m in f.milestones)
                     for g, lr in zip(opt.param_groups, base_lrs):
                         g["lr"] = lr * factor
-                    loss = F.cross_entropy(ddp(batch["video"][0].to(dist.device).float()),
-                                           batch["label"].to(dist.device))
+                    with torch.autocast(dist.device.type, dtype=amp, enabled=amp is not None):
+                        logits = ddp(batch["video"][0].to(dist.device, non_blocking=True))
+                    loss = F.cross_entropy(logits.float(), batch["label"].to(dist.device))
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                     step += 1
-            val = score_videos(net, cfg.data, split_name(cfg, "val", fold), dist)
+            val = score_videos(net, cfg, split_name(cfg, "val", fold), dist)
             if dist.main:
                 print(f"[stica.eval] finetune fold {fold} epoch {epoch + 1}/{f.epochs}: loss {loss.item():.3f} "
                       f"val top1 {val['top1']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -237,7 +249,7 @@ def finetune(cfg, model, dist) -> dict:
                 best = (val["top1"], epoch + 1, copy.deepcopy(net.state_dict()))
         net.load_state_dict(best[2])
         results[f"fold{fold}"] = {"val_top1": best[0], "epoch": best[1],
-                                  **score_videos(net, cfg.data, split_name(cfg, "test", fold), dist)}
+                                  **score_videos(net, cfg, split_name(cfg, "test", fold), dist)}
     results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("top1", "top5")}
     return results
 

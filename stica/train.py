@@ -144,7 +144,7 @@ def main(argv=None):
     # Fused SGD on the GPU takes the grad scaler's inf check without a host sync.
     optimizer = torch.optim.SGD(core.parameters(), lr=peak_lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, fused=gpu or None)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if gpu else None
+    amp_dtype = distributed.amp_dtype(cfg.train.amp, dist.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # Resume

@@ -36,3 +36,26 @@ def pack_demo_corpus(root, train, val):
     shard_main(["pack", "--root", str(root / "videos"), "--csv", str(csv_path), "--out", str(root / "shards"),
                 "--short-side", "64", "--workers", "2"])
     return root / "shards"
+
+
+CHIRP = lambda t: 200 + 400 * t  # Hz: the tone's pitch encodes time, as the frame's gray level does
+level = lambda i: 10 + 2 * i  # gray level of frame i
+
+
+def chirp(t):
+    return 0.5 * np.sin(2 * np.pi * (200 * t + 200 * t ** 2))  # instantaneous frequency CHIRP(t)
+
+
+def pack_timecoded(root, short_side: int, codec: str = "vp9", size=(96, 72), seconds: float = 4.0):
+    """Classes a and b of 4 time-coded videos each (frame i is flat gray level(i), the sound a chirp
+    whose pitch encodes time), packed 3 per shard."""
+    from stica.tools.shard import main as shard_main
+
+    for c in ("a", "b"):
+        (root / "videos" / c).mkdir(parents=True)
+        for i in range(4):
+            write_av(root / "videos" / c / f"{c}{i}.mkv", lambda t: np.full((size[1], size[0], 3), level(round(t * 30)), np.uint8),
+                     [j / 30 for j in range(int(seconds * 30))], chirp, size=size)
+    shard_main(["pack", "--root", str(root / "videos"), "--out", str(root / "shards"), "--short-side", str(short_side),
+                "--codec", codec, "--shard-samples", "3", "--workers", "2"])
+    return root / "shards"

@@ -9,28 +9,14 @@ from stica.pipelines.reference import mel_filters
 from stica.tools.shard import main as shard_main
 from stica.tools.synth import write_av
 
+from conftest import CHIRP, chirp, level, pack_timecoded
+
 SIZE = (96, 72)
-SECONDS = 4.0
-CHIRP = lambda t: 200 + 400 * t  # Hz: the tone's pitch encodes time, as the frame's gray level does
-level = lambda i: 10 + 2 * i  # gray level of frame i
-
-
-def chirp(t):
-    return 0.5 * np.sin(2 * np.pi * (200 * t + 200 * t ** 2))  # instantaneous frequency CHIRP(t)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("timecoded")
-    for c in ("a", "b"):
-        (root / "videos" / c).mkdir(parents=True)
-        for i in range(4):
-            write_av(root / "videos" / c / f"{c}{i}.mkv",
-                     lambda t: np.full((SIZE[1], SIZE[0], 3), level(round(t * 30)), np.uint8),
-                     [j / 30 for j in range(int(SECONDS * 30))], chirp, size=SIZE)
-    shard_main(["pack", "--root", str(root / "videos"), "--out", str(root / "shards"), "--short-side", "64",
-                "--shard-samples", "3", "--workers", "2"])
-    return root / "shards"
+    return pack_timecoded(tmp_path_factory.mktemp("timecoded"), short_side=64)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +34,11 @@ def static_shards(tmp_path_factory):
 
 
 def config(shards, *overrides):
+    # The CPU graph, on purpose (these shards are packed at 64 px, below NVDEC's minimum); tests/test_gpu.py
+    # checks the GPU modes.
     return load_config("configs/pretrain_kinetics.yaml",
-                       [f"data.shards={shards}", "data.batch_size=2", "data.threads=2", *overrides]).data
+                       [f"data.shards={shards}", "data.batch_size=2", "data.threads=2", "data.device=cpu",
+                        *overrides]).data
 
 
 NO_COLOUR = ["data.jitter_prob=0", "data.grayscale_prob=0", "data.blur_prob=0", "data.flip_prob=0",
@@ -159,3 +148,20 @@ def test_reference_and_dali_log_mel_agree(shards):
     assert dali["key"] == ref["key"]
     loud = dali["audio"] > -20  # compare where there is signal; the floor is identical by construction
     torch.testing.assert_close(dali["audio"][loud], ref["audio"][loud], atol=0.05, rtol=0.01)
+
+
+def test_decode_device_rules(monkeypatch):
+    from stica.pipelines.loader import resolve_device
+
+    assert resolve_device("auto", "vp9", 128) == "cpu"  # no GPU here
+    with pytest.raises(ValueError, match="needs a GPU"):
+        resolve_device("hybrid", "vp9", 128)
+    with pytest.raises(ValueError, match="decode only on the GPU"):
+        resolve_device("cpu", "h264", 128)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", "vp9", 128) == "hybrid" and resolve_device("auto", "h264", 128) == "mixed"
+    assert resolve_device("mixed", "vp9", 128) == "mixed" and resolve_device("cpu", "vp9", 64) == "cpu"
+    with pytest.raises(ValueError, match="below NVDEC's 128-px minimum for vp9; repack with --short-side 128"):
+        resolve_device("mixed", "vp9", 64, "/data/shards")
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_device("gpu", "vp9", 128)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from stica.config import load_config
+from stica.distributed import amp_dtype
 from stica.model import feature_grid
 from stica.shards import load_manifest
 from stica.tools.bench_loader import DEFAULT_CONFIG, clip_cost, loader_throughput
@@ -204,7 +205,7 @@ def main(argv=None):
     if args.manifest:
         size = load_manifest(Path(args.manifest).parent)["splits"]["train"]["samples"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
+    amp = amp_dtype(args.amp, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"preset": preset, "device": device_name(device), "dataset_size": size, "settings": p}

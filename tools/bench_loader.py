@@ -4,6 +4,8 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
+
 from stica.config import load_config
 from stica.pipelines.loader import build_loader
 
@@ -26,12 +28,19 @@ def loader_throughput(shards: str, backend: str, parallel: int, batch_size: int 
     for _ in range(warmup):
         next(stream)
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         for _ in range(batches):
             next(stream)
+        sync()  # GPU outputs are only ready once the device has finished them
         rates.append(batches * batch_size / (time.perf_counter() - t))
     return {"backend": backend, "parallel": parallel, "batch_size": batch_size, "clips_per_s": summarize(rates),
             "device": getattr(loader, "device", "cpu")}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _forever(loader):
@@ -40,8 +49,9 @@ def _forever(loader):
 
 
 def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: int = 8, threads: int = 1,
-              repeats: int = 5) -> list[dict]:
-    """Decode-only cost of a clip starting at each of `starts` (clamped to the video), ms per clip."""
+              repeats: int = 5, mode: str = "cpu") -> list[dict]:
+    """Decode-only cost of a clip starting at each of `starts` (clamped to the video), ms per clip,
+    on the CPU decoder (mode cpu) or NVDEC (mixed)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
 
@@ -52,12 +62,13 @@ def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: 
     tars, idxs = shard_paths(shards, "train")
     rows = []
     for start in starts:
-        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, exec_dynamic=True)
+        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=0 if mode != "cpu" else None,
+                      exec_dynamic=True)
         def pipe():
             segs, _, info, _ = read_shards(tars, idxs, 0, 1, shuffle=False, shuffle_buffer=1)
             s = fn.reshape(fn.constant(idata=[start], dtype=types.INT32), shape=[])
             s = dmath.min(s, field(info, "num_frames") - num_frames)
-            return decode_clip(segs, info, s, num_frames, seg_frames, "cpu")
+            return decode_clip(segs, info, s, num_frames, seg_frames, mode)
 
         p = pipe()
         p.build()
@@ -65,7 +76,9 @@ def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: 
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            p.run()
+            (out,) = p.run()
+            if mode != "cpu":
+                out.as_cpu()  # waits for the device
             times.append((time.perf_counter() - t) / batch_size * 1000)
-        rows.append({"start": start, "seg_frames": seg_frames, "ms_per_clip": summarize(times)})
+        rows.append({"start": start, "seg_frames": seg_frames, "mode": mode, "ms_per_clip": summarize(times)})
     return rows

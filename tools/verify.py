@@ -81,7 +81,7 @@ def _check_samples(tar: Path, idx: Path, expected: int, decoder) -> list[str]:
             batch = [np.frombuffer(s, np.uint8) for s in segments[i:i + decoder.max_batch_size]]
             decoder.feed_input("seg", batch)
             (out,) = decoder.run()
-            frames += sum(out.at(j).shape[0] for j in range(len(batch)))
+            frames += sum(shape[0] for shape in out.shape())  # shape() works on CPU and GPU outputs alike
         if frames != meta["num_frames"]:
             problems.append(f"{tar}:{key}: decodes to {frames} frames, info says {meta['num_frames']}")
     return problems

@@ -1,0 +1,229 @@
+"""The GPU path: NVDEC and hybrid decoding against the CPU, GPU augmentation, mixed precision,
+channels-last, the step without host syncs, kill-and-resume and evaluation memory on CUDA.
+
+Every test carries the `gpu` marker and skips, saying why, where CUDA (or, for the loader tests,
+DALI's GPU backend) is absent; `stica-bench --gpu-check` runs them on a GPU machine.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from stica.config import load_config
+
+from conftest import level, pack_demo_corpus, pack_timecoded
+
+CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible (torch.cuda.is_available())")]
+
+
+def dali_gpu_missing() -> str | None:
+    """Why DALI's GPU backend cannot run here, or None."""
+    if not CUDA:
+        return "no CUDA GPU"
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=0)
+        def probe():
+            return fn.constant(idata=[1], dtype=types.INT32).gpu()
+
+        p = probe()
+        p.build()
+        p.run()
+    except Exception as e:  # not installed, or no usable CUDA build of it
+        return f"DALI's GPU backend is unavailable: {str(e).strip().splitlines()[0][:200]}"
+    return None
+
+
+DALI_GPU_MISSING = dali_gpu_missing() if CUDA else None
+needs_dali_gpu = pytest.mark.skipif(DALI_GPU_MISSING is not None, reason=str(DALI_GPU_MISSING))
+PIXELS = ["data.mean=[0,0,0]", "data.std=[0.00392156862745098,0.00392156862745098,0.00392156862745098]"]
+NO_COLOUR = ["data.jitter_prob=0", "data.grayscale_prob=0", "data.blur_prob=0", "data.flip_prob=0",
+             "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.3333,1.3334]", *PIXELS]
+
+
+def data_cfg(shards, *overrides):
+    return load_config("configs/pretrain_kinetics.yaml", [f"data.shards={shards}", "data.batch_size=2",
+                                                           "data.threads=2", *overrides]).data
+
+
+@pytest.fixture(scope="module")
+def vp9_128(tmp_path_factory):
+    return pack_timecoded(tmp_path_factory.mktemp("vp9"), short_side=128)
+
+
+@pytest.fixture(scope="module")
+def h264_128(tmp_path_factory):
+    return pack_timecoded(tmp_path_factory.mktemp("h264"), short_side=128, codec="h264")
+
+
+def eval_videos(shards, mode, backend="dali"):
+    from stica.pipelines.loader import build_loader
+
+    cfg = data_cfg(shards, f"data.device={mode}", "data.eval_clips=3", *PIXELS)
+    return {k: v for b in build_loader(cfg, kind="eval", backend=backend, workers=0)
+            for k, v in zip(b["key"], b["video"][0].float().cpu())}
+
+
+@needs_dali_gpu
+@pytest.mark.parametrize("mode", ["mixed", "hybrid"])
+def test_gpu_decoded_clips_equal_cpu_decoded_ones_vp9(vp9_128, mode):
+    gpu, cpu = eval_videos(vp9_128, mode), eval_videos(vp9_128, "cpu")
+    assert sorted(gpu) == sorted(cpu) and len(gpu) == 8
+    for key in cpu:
+        assert (gpu[key] - cpu[key]).abs().max() <= 2.0, key
+    # And the frames are the right ones: clip j of 3 starts at floor(j * 90 / 2).
+    clip = cpu["a0"][3]  # clip 1, left crop
+    np.testing.assert_allclose(clip.mean(dim=(0, 2, 3)).numpy(), [level(45 + t) for t in range(30)], atol=3)
+
+
+@needs_dali_gpu
+def test_nvdec_decodes_h264_shards_like_pyav(h264_128):
+    gpu, ref = eval_videos(h264_128, "mixed"), eval_videos(h264_128, "cpu", backend="reference")
+    assert sorted(gpu) == sorted(ref)
+    for key in ref:
+        assert (gpu[key] - ref[key]).abs().max() <= 2.0, key
+
+
+@needs_dali_gpu
+def test_loader_refuses_shards_below_the_nvdec_minimum(tmp_path):
+    from stica.pipelines.loader import build_loader
+
+    shards = pack_timecoded(tmp_path, short_side=64)
+    with pytest.raises(ValueError, match="repack with --short-side 128"):
+        build_loader(data_cfg(shards, "data.device=mixed"))
+
+
+@needs_dali_gpu
+@pytest.mark.parametrize("mode", ["mixed", "hybrid"])
+def test_gpu_views_are_clip_consistent_and_on_the_device(vp9_128, mode):
+    from stica.pipelines.loader import build_loader
+
+    cfg = data_cfg(vp9_128, f"data.device={mode}", "data.fp16=true", "data.blur_prob=1.0")
+    batch = next(iter(build_loader(cfg)))
+    v1, v2 = batch["video"]
+    assert v1.is_cuda and v1.dtype == torch.float16 and batch["audio"].is_cuda
+    assert tuple(v1.shape) == (2, 3, 30, 112, 112) and tuple(batch["audio"].shape) == (2, 1, 257, 99)
+    static = next(iter(build_loader(data_cfg(vp9_128, f"data.device={mode}", *NO_COLOUR, "data.views=1"))))
+    clip, start = static["video"][0].float(), int(static["start"][0])
+    np.testing.assert_allclose(clip[0].mean(dim=(0, 2, 3)).cpu().numpy(), [level(start + t) for t in range(30)],
+                               atol=3)
+    assert (v1.float() - v2.float()).abs().mean() > 0.05  # two independent views
+
+
+def tiny_step_setup(amp: str, channels_last: bool, width=0.25):
+    from stica.model import Stica
+
+    cfg = load_config("configs/pretrain_kinetics.yaml", [f"model.width={width}", "model.head_dropout=0.0",
+                                                         f"train.amp={amp}"])
+    torch.manual_seed(0)
+    model = Stica(cfg.model).cuda()
+    if channels_last:
+        model.video.to(memory_format=torch.channels_last_3d)
+    g = torch.Generator().manual_seed(1)
+    batch = {"video": [torch.randn(4, 3, 30, 112, 112, generator=g) for _ in range(2)],
+             "audio": torch.randn(4, 1, 257, 99, generator=g), "has_audio": torch.ones(4, dtype=torch.bool)}
+    return cfg, model, batch
+
+
+def test_bf16_channels_last_loss_within_one_percent_of_fp32():
+    from stica.distributed import amp_dtype
+    from stica.train import stica_loss
+
+    losses = {}
+    for amp, cl in (("none", False), ("bf16", True)):
+        cfg, model, batch = tiny_step_setup(amp, cl)
+        dtype = amp_dtype(amp, torch.device("cuda"))
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            loss, _ = stica_loss(model.train(), batch, cfg, torch.Generator().manual_seed(2), torch.device("cuda"), cl)
+        losses[amp] = loss.item()
+    assert abs(losses["bf16"] - losses["none"]) / losses["none"] < 0.01, losses
+
+
+def run_steps(amp: str, steps: int, sync_debug: bool = False):
+    from stica.distributed import amp_dtype
+    from stica.train import train_step
+
+    cfg, model, batch = tiny_step_setup(amp, True)
+    device = torch.device("cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    batch = {**batch, "video": [v.cuda() for v in batch["video"]], "audio": batch["audio"].cuda(),
+             "has_audio": batch["has_audio"].cuda()}
+    losses = []
+    for i in range(steps):
+        if sync_debug and i > 0:  # the first step initialises cuDNN and the allocator
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, _ = train_step(model, batch, cfg, torch.Generator().manual_seed(0), device, True,
+                                 amp_dtype(amp, device), optimizer, scaler)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        losses.append(loss)
+    return [l.item() for l in losses], scaler
+
+
+def test_fp16_steps_with_the_grad_scaler_stay_finite_and_learn():
+    losses, scaler = run_steps("fp16", 6)
+    assert all(np.isfinite(losses)) and scaler.get_scale() > 0
+    assert losses[-1] < losses[0]  # the same batch six times: the loss must fall
+
+
+def test_the_training_step_makes_no_host_sync():
+    losses, _ = run_steps("bf16", 3, sync_debug=True)  # set_sync_debug_mode("error") raises on any sync
+    assert all(np.isfinite(losses))
+
+
+def test_evaluation_peak_memory_at_the_default_batch_stays_below_40_gib():
+    from stica.eval import in_chunks
+    from stica.model import Stica
+
+    cfg = load_config("configs/eval_ucf101.yaml")
+    model = Stica(cfg.model).cuda().eval()
+    # The default evaluation batch: data.batch_size videos x eval_clips x eval_crops clips of 30x112x112.
+    clips = torch.randn(cfg.data.batch_size * cfg.data.eval_clips * cfg.data.eval_crops, 3, cfg.data.num_frames,
+                        cfg.data.crop_size, cfg.data.crop_size)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        out = in_chunks(lambda x: model.video(x).amax(dim=(2, 3, 4)), clips, cfg, torch.device("cuda"))
+    assert out.shape == (clips.shape[0], 512)
+    assert torch.cuda.max_memory_allocated() < 40 * 2**30
+
+
+def test_killed_gpu_run_resumes_at_the_saved_step(tmp_path):
+    pytest.importorskip("av", reason="PyAV packs the test corpus")
+    shards = pack_demo_corpus(tmp_path / "corpus", train=16, val=0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def cmd(run):  # the demo's model on the GPU in bf16; its 64-px shards decode on the CPU (reference loader)
+        return [sys.executable, "-m", "stica.train", "--config", "configs/demo.yaml", f"data.shards={shards}",
+                f"run.dir={run}", "data.batch_size=4", "train.log_every=1", "train.ckpt_every=2",
+                "train.max_steps=8", "train.amp=bf16"]
+
+    whole = subprocess.run(cmd(tmp_path / "whole"), env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert 2 <= saved < 8
+    out = subprocess.run(cmd(run), env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and f"at step {saved}" in out.stdout, out.stderr[-2000:]
+    losses = lambda r: {x["step"]: x for x in map(json.loads, (r / "log.jsonl").read_text().splitlines())}
+    resumed, reference = losses(run), losses(tmp_path / "whole")
+    assert resumed[8]["gpu_mem_gib"] > 0
+    for step in range(saved + 1, 9):  # cuDNN's kernels are not bitwise deterministic: a loose tolerance
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=2e-2), step
