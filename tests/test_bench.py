@@ -41,3 +41,22 @@ def test_quick_preset_writes_tables_and_gpu_hours_follow_from_measured_time(shar
     assert "| average | Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2) |" in report
     assert report in capsys.readouterr().out
     assert (out / "bench.png").stat().st_size > 10_000
+
+
+def test_gpu_check_without_a_gpu_runs_what_it_can_and_lists_what_it_skipped(tmp_path):
+    out = tmp_path / "gpu-check"
+    assert bench_main(["--gpu-check", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["header"]["device"].startswith("CPU") and results["header"]["commit"]
+    tests = results["gpu_tests"]
+    assert tests["skipped"] == len(tests["cases"]) >= 10 and tests["failed"] == tests["error"] == 0
+    assert all("no CUDA GPU" in c["detail"] for c in tests["cases"])
+    assert {r["decode"] for r in results["loader"]} == {"cpu"} and all(r["clips_per_s"] > 0 for r in results["loader"])
+    assert results["end_to_end"]["steps"] == 4 and results["end_to_end"]["clips_per_s"] > 0
+    skipped = "\n".join(results["skipped"])
+    for part in ("model: needs a CUDA GPU", "nvdec_smallest_frame", "loader mixed and hybrid", "targets"):
+        assert part in skipped
+    assert not any(isinstance(v, dict) and "traceback" in v for v in results.values())
+    report = (out / "report.md").read_text()
+    assert "## Skipped on this machine" in report and "## GPU tests" in report
+    assert (out / "bench.png").stat().st_size > 10_000 and (out / "loader.csv").exists()

@@ -2,6 +2,7 @@
 
     stica-bench --shards DIR --quick                  # 2-core CPU, a few minutes
     stica-bench --shards DIR                          # full preset (meant for a GPU)
+    stica-bench --gpu-check --out benchmarks/gpu      # the GPU path proven by one command, on one GPU
 
 Writes report.md (also printed), results.json, one CSV per table and bench.png to --out.
 Clip starts beyond a video's last clip are clamped, so the clipcost table needs 10-s videos.
@@ -10,25 +11,20 @@ GPU-hours per epoch = world x epoch seconds / 3600 = dataset size / (clips/s per
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import platform
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from stica.config import load_config
 from stica.distributed import amp_dtype
-from stica.model import feature_grid
 from stica.shards import load_manifest
-from stica.tools.bench_loader import DEFAULT_CONFIG, clip_cost, loader_throughput
-from stica.tools.bench_model import largest_batch, measure_step, table_1f
+from stica.tools import gpu_check
+from stica.tools.bench_loader import clip_cost, run_loader
+from stica.tools.bench_model import run_model
+from stica.tools.bench_train import run_end_to_end
+from stica.tools.measure import KINETICS_TRAIN, device_name, write_csv
 
-KINETICS_TRAIN = 234_643  # the paper's copy (Non-local/PySlowFast: 234,643 train videos)
 PRESETS = {
     # quick: an eighth of the channels, so the 8 strategies x 2 poolings run in minutes on 2 cores;
     # the relative costs are the point there, not the absolute figures.
@@ -37,74 +33,6 @@ PRESETS = {
     "full": dict(width=1.0, batch=8, frames=30, size=112, repeats=5, steps=5, warmup=3, parallel=[2, 4, 8, 16],
                  loader_batches=20, loader_batch=8, e2e_steps=60),
 }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def gpu_hours(dataset_size: int, clips_per_s_per_device: float) -> float:
-    return dataset_size / clips_per_s_per_device / 3600
-
-
-def run_model(p: dict, device, amp, dataset_size: int) -> list[dict]:
-    rows = []
-    for layers in (0, 2):
-        cfg = load_config(DEFAULT_CONFIG, [f"model.width={p['width']}", f"model.transformer.layers={layers}"])
-        _, h, _ = feature_grid(p["frames"], p["size"], p["size"])
-        strategies = table_1f(map_side=h)
-        base = None
-        for s in strategies:
-            m = measure_step(cfg, s, p["batch"], p["frames"], p["size"], device, amp, p["repeats"], p["steps"],
-                             p["warmup"])
-            step = m["step_s"]["median"]
-            base = base or step
-            rate = p["batch"] / step
-            row = {"strategy": s.name, "pooling": "transformer (2 layers)" if layers else "average",
-                   "batch": p["batch"], "step_s": step, "step_s_min": m["step_s"]["min"],
-                   "step_s_max": m["step_s"]["max"], "clips_per_s": rate, "relative_to_default": step / base,
-                   "gpu_hours_per_epoch": gpu_hours(dataset_size, rate), "peak_mem_gib": m["peak_mem_gib"],
-                   "paper_gpu_hours_v100": s.paper_gpu_hours if layers == 0 else None,
-                   "paper_relative": s.paper_gpu_hours / 17.3 if layers == 0 else None}
-            if device.type == "cuda":
-                row["max_batch"] = largest_batch(cfg, s, p["frames"], p["size"], device, amp)
-            rows.append(row)
-            print(f"[bench] model {row['pooling']:>22} | {s.name:<42} {step * 1000:8.1f} ms/step "
-                  f"({row['relative_to_default']:.2f}x)", flush=True)
-    return rows
-
-
-def run_loader(shards: str, p: dict, backends: list[str]) -> list[dict]:
-    rows = []
-    cores = os.cpu_count() or 1
-    for backend in backends:
-        for parallel in p["parallel"]:
-            r = loader_throughput(shards, backend, parallel, batch_size=p["loader_batch"], batches=p["loader_batches"],
-                                  repeats=p["repeats"], warmup=1)
-            rate = r["clips_per_s"]
-            rows.append({"backend": backend, "decode": r["device"], "threads_or_workers": parallel,
-                         "clips_per_s": rate["median"], "clips_per_s_min": rate["min"],
-                         "clips_per_s_max": rate["max"], "clips_per_s_per_core": rate["median"] / min(parallel, cores)})
-            print(f"[bench] loader {backend:>9} ({r['device']}) x{parallel}: {rate['median']:.1f} clips/s", flush=True)
-    return rows
-
-
-def run_end_to_end(shards: str, p: dict, loader: str) -> dict:
-    """The real trainer on the real shards for a few steps: clips/s, data wait, bounding side."""
-    from stica.train import main as train
-
-    with tempfile.TemporaryDirectory() as run_dir:
-        overrides = [f"data.shards={shards}", f"run.dir={run_dir}", f"model.width={p['width']}",
-                     f"data.batch_size={p['batch']}", f"data.loader={loader}", f"train.max_steps={p['e2e_steps']}",
-                     "train.log_every=1", "train.ckpt_every=1000000", "optim.epochs=1000"]
-        train(["--config", DEFAULT_CONFIG, *overrides])
-        records = [json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()][2:]  # warm-up
-    rate = statistics.median(r["clips_per_s"] for r in records)
-    wait = statistics.median(r["data_wait_pct"] for r in records)
-    return {"loader": loader, "steps_timed": len(records), "clips_per_s": rate, "data_wait_pct": wait,
-            "bound_by": "loader" if wait > 10 else "model"}
 
 
 def markdown(results: dict) -> str:
@@ -175,14 +103,6 @@ def plot(results: dict, path: Path):
     plt.close(fig)
 
 
-def write_csv(rows: list[dict], path: Path):
-    if rows:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="stica-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,7 +115,13 @@ def main(argv=None):
                         help=f"videos per epoch (default: Kinetics-400 train, {KINETICS_TRAIN:,})")
     parser.add_argument("--manifest", help="take the dataset size from this stica-shard manifest's train split")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16", help="GPU only")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="prove the GPU path in one command (< 8 min on one GPU): the gpu tests, the model "
+                             "preset, the loader in mixed/hybrid/cpu modes, 120 trainer steps on generated shards; "
+                             "without a GPU it runs what it can and lists what it skipped")
     args = parser.parse_args(argv)
+    if args.gpu_check:
+        return gpu_check.main(Path(args.out), PRESETS["full"])
     preset = "quick" if args.quick else "full"
     p = PRESETS[preset]
     modes = set(args.modes.split(","))

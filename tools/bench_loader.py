@@ -1,20 +1,12 @@
 """Loader measurements for stica-bench: clips/s delivered, and what a clip costs by its start."""
 from __future__ import annotations
 
-import statistics
+import os
 import time
-
-import torch
 
 from stica.config import load_config
 from stica.pipelines.loader import build_loader
-
-DEFAULT_CONFIG = "configs/pretrain_kinetics.yaml"
-
-
-def summarize(samples: list[float]) -> dict:
-    """Median and spread (min, max) of repeated measurements."""
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+from stica.tools.measure import DEFAULT_CONFIG, summarize, sync
 
 
 def loader_throughput(shards: str, backend: str, parallel: int, batch_size: int = 8, batches: int = 10,
@@ -36,11 +28,6 @@ def loader_throughput(shards: str, backend: str, parallel: int, batch_size: int 
         rates.append(batches * batch_size / (time.perf_counter() - t))
     return {"backend": backend, "parallel": parallel, "batch_size": batch_size, "clips_per_s": summarize(rates),
             "device": getattr(loader, "device", "cpu")}
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _forever(loader):
@@ -81,4 +68,19 @@ def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: 
                 out.as_cpu()  # waits for the device
             times.append((time.perf_counter() - t) / batch_size * 1000)
         rows.append({"start": start, "seg_frames": seg_frames, "mode": mode, "ms_per_clip": summarize(times)})
+    return rows
+
+
+def run_loader(shards: str, p: dict, backends: list[str]) -> list[dict]:
+    rows = []
+    cores = os.cpu_count() or 1
+    for backend in backends:
+        for parallel in p["parallel"]:
+            r = loader_throughput(shards, backend, parallel, batch_size=p["loader_batch"], batches=p["loader_batches"],
+                                  repeats=p["repeats"], warmup=1)
+            rate = r["clips_per_s"]
+            rows.append({"backend": backend, "decode": r["device"], "threads_or_workers": parallel,
+                         "clips_per_s": rate["median"], "clips_per_s_min": rate["min"],
+                         "clips_per_s_max": rate["max"], "clips_per_s_per_core": rate["median"] / min(parallel, cores)})
+            print(f"[bench] loader {backend:>9} ({r['device']}) x{parallel}: {rate['median']:.1f} clips/s", flush=True)
     return rows

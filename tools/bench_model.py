@@ -8,10 +8,12 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
+from stica.config import load_config
+
 from stica.crops import sample_crops
 from stica.losses import Keys, cross_modal_loss, within_modal_loss, within_modal_pairs
 from stica.model import Stica, feature_grid
-from stica.tools.bench_loader import summarize
+from stica.tools.measure import DEFAULT_CONFIG, gpu_hours, summarize
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,14 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
     """Median step time (forward, backward, SGD) over `repeats` runs of `steps` steps."""
     torch.manual_seed(0)
     model = Stica(cfg.model).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last_3d if cuda else torch.contiguous_format  # as the trainer runs it
+    model.video.to(memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=cuda or None)
     sizes = [size] * strategy.large + [strategy.small[1] * size // 112] * strategy.small[0]
-    views = [torch.randn(batch, 3, frames, s, s, device=device) for s in sizes]
+    views = [torch.randn(batch, 3, frames, s, s, device=device).contiguous(memory_format=fmt) for s in sizes]
     spec = torch.randn(batch, 1, cfg.data.audio.n_mels, round(frames / 30 * 100) - 1, device=device)
     generator = torch.Generator().manual_seed(0)
-    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -95,7 +99,6 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t) / steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    del model, optimizer, views
     return {"step_s": summarize(times), "peak_mem_gib": peak}
 
 
@@ -117,3 +120,32 @@ def largest_batch(cfg, strategy: Strategy, frames: int, size: int, device, amp, 
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def run_model(p: dict, device, amp, dataset_size: int, largest_for: tuple[str, ...] | None = None) -> list[dict]:
+    """Every strategy of Table 1f with average and transformer pooling; on a GPU also the largest
+    batch that fits, for the strategies whose names start with one of `largest_for` (all if None)."""
+    rows = []
+    for layers in (0, 2):
+        cfg = load_config(DEFAULT_CONFIG, [f"model.width={p['width']}", f"model.transformer.layers={layers}"])
+        _, h, _ = feature_grid(p["frames"], p["size"], p["size"])
+        strategies = table_1f(map_side=h)
+        base = None
+        for s in strategies:
+            m = measure_step(cfg, s, p["batch"], p["frames"], p["size"], device, amp, p["repeats"], p["steps"],
+                             p["warmup"])
+            step = m["step_s"]["median"]
+            base = base or step
+            rate = p["batch"] / step
+            row = {"strategy": s.name, "pooling": "transformer (2 layers)" if layers else "average",
+                   "batch": p["batch"], "step_s": step, "step_s_min": m["step_s"]["min"],
+                   "step_s_max": m["step_s"]["max"], "clips_per_s": rate, "relative_to_default": step / base,
+                   "gpu_hours_per_epoch": gpu_hours(dataset_size, rate), "peak_mem_gib": m["peak_mem_gib"],
+                   "paper_gpu_hours_v100": s.paper_gpu_hours if layers == 0 else None,
+                   "paper_relative": s.paper_gpu_hours / 17.3 if layers == 0 else None}
+            if device.type == "cuda" and (largest_for is None or s.name.startswith(largest_for)):
+                row["max_batch"] = largest_batch(cfg, s, p["frames"], p["size"], device, amp)
+            rows.append(row)
+            print(f"[bench] model {row['pooling']:>22} | {s.name:<42} {step * 1000:8.1f} ms/step "
+                  f"({row['relative_to_default']:.2f}x)", flush=True)
+    return rows

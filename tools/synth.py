@@ -89,3 +89,36 @@ def gray_frame(value: int, size: tuple[int, int] = (160, 120)) -> np.ndarray:
 
 def tone(freq: float) -> Callable[[np.ndarray], np.ndarray]:
     return lambda t: 0.5 * np.sin(2 * np.pi * freq * t)
+
+
+def write_scene(path: str | Path, seed: int, seconds: float, size: tuple[int, int] = (228, 128)) -> Path:
+    """A clip that looks more like a camera's than a flat test card: a smooth random texture
+    panning at a random speed, a bright disc crossing it, and a soundtrack of two amplitude-
+    modulated tones over noise. Its codecs, bit rates and decode costs resemble real footage's."""
+    rng = np.random.default_rng(seed)
+    W, H = size
+    coarse = rng.uniform(0, 255, (H // 16 + 3, 2 * W // 16 + 3, 3)).astype(np.float32)
+    texture = np.repeat(np.repeat(coarse, 16, 0), 16, 1)
+    for axis in (0, 1):  # box blur, twice: smooth blobs with some detail left
+        for _ in range(2):
+            texture = (np.roll(texture, 4, axis) + texture + np.roll(texture, -4, axis)) / 3
+    texture += rng.normal(0, 6, texture.shape)  # sensor-like grain, so the codec has detail to keep
+    speed, disc_speed = rng.uniform(10, 40), rng.uniform(20, 60)
+    colour, y0 = rng.uniform(150, 255, 3), rng.uniform(0.3, 0.7) * H
+    yy, xx = np.mgrid[0:H, 0:W]
+
+    def frame(t):
+        x0 = int(speed * t) % W
+        img = texture[:H, x0:x0 + W].copy()
+        disc = (xx - (disc_speed * t) % W) ** 2 + (yy - y0) ** 2 < (H / 8) ** 2
+        img[disc] = colour
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+    f1, f2, rate = rng.uniform(150, 400), rng.uniform(500, 2000), rng.uniform(0.5, 3)
+
+    def sound(t):
+        envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rate * t)
+        noise = np.random.default_rng(seed + 1).normal(0, 0.05, t.shape)
+        return 0.3 * np.sin(2 * np.pi * f1 * t) + 0.2 * envelope * np.sin(2 * np.pi * f2 * t) + noise
+
+    return write_av(path, frame, uniform_times(seconds, 30), sound, audio_rate=24000, size=size)

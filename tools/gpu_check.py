@@ -1,0 +1,339 @@
+"""`stica-bench --gpu-check`: the GPU path proven by one command, in under 8 minutes on one GPU.
+
+Runs the gpu-marked tests, the model preset (Table 1f strategies, bf16), NVDEC's smallest
+frame, the loader in mixed, hybrid and cpu modes beside the reference loader, NVDEC vs CPU clip
+cost, and 120 end-to-end trainer steps on generated real-looking shards at 128 px. Every part
+runs on its own: one that fails is reported with its error and the rest still run. Writes
+report.md, results.json, CSVs and bench.png naming the GPU, the date and the commit. Without a
+GPU it runs what it can, exits 0 and lists what it skipped.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+from stica.tools.bench_model import run_model
+from stica.tools.bench_train import run_end_to_end
+from stica.tools.measure import KINETICS_TRAIN, device_name, write_csv
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"clips_per_s": 150.0, "data_wait_pct": 5.0, "feature_vs_two_rgb": 1.05}
+
+
+class Skip(Exception):
+    """A part that cannot run on this machine, with the reason."""
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for name, module in (("dali", "nvidia.dali"), ("pyav", "av")):
+        try:
+            out[name] = __import__(module, fromlist=["__version__"]).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def gpu_tests(out: Path, timeout: float) -> dict:
+    xml = out / "gpu_tests.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
+                           f"--junitxml={xml}", str(REPO / "tests")], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    if not xml.exists():
+        raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {proc.stderr[-500:]}")
+    cases = []
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        outcome, detail = "passed", ""
+        for kind in ("failure", "error", "skipped"):
+            node = case.find(kind)
+            if node is not None:
+                outcome, detail = {"failure": "failed"}.get(kind, kind), (node.get("message") or "")[:300]
+        cases.append({"test": case.get("name"), "outcome": outcome, "detail": detail,
+                      "seconds": float(case.get("time", 0))})
+    counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
+    return {"exit_code": proc.returncode, **counts, "cases": cases}
+
+
+def make_shards(root: Path, videos: int, seconds: float, codec: str = "vp9") -> Path:
+    """Real-looking 228x128 clips with sound, packed at the default 128-px short side."""
+    from stica.tools.shard import main as shard_main
+    from stica.tools.synth import write_scene
+
+    (root / "videos" / "scene").mkdir(parents=True, exist_ok=True)
+    for i in range(videos):
+        path = root / "videos" / "scene" / f"scene{i:04d}.mp4"
+        if not path.exists():
+            write_scene(path, seed=i, seconds=seconds)
+    shards = root / f"shards-{codec}"
+    shard_main(["pack", "--root", str(root / "videos"), "--out", str(shards), "--codec", codec,
+                "--workers", str(os.cpu_count() or 1)])
+    return shards
+
+
+def nvdec_smallest_frame() -> list[dict]:
+    """Which frame sizes NVDEC decodes, per codec: one short file of each size through the mixed decoder."""
+    import io
+
+    import av
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    rows = []
+    for codec, encoder, fmt in (("vp9", "libvpx-vp9", "webm"), ("h264", "libx264", "mp4")):
+        for side in (48, 64, 96, 112, 128, 144):
+            buf = io.BytesIO()
+            with av.open(buf, "w", format=fmt) as c:
+                s = c.add_stream(encoder, rate=30)
+                s.width = s.height = side
+                s.pix_fmt = "yuv420p"
+                for i in range(8):
+                    frame = av.VideoFrame.from_ndarray(np.full((side, side, 3), 20 * i, np.uint8), format="rgb24")
+                    c.mux(s.encode(frame))
+                c.mux(s.encode())
+            data = np.frombuffer(buf.getvalue(), np.uint8)
+
+            @pipeline_def(batch_size=1, num_threads=1, device_id=0)
+            def pipe():
+                return fn.decoders.video(fn.external_source(source=lambda: [data], batch=True), device="mixed")
+
+            try:
+                p = pipe()
+                p.build()
+                (frames,) = p.run()
+                shape = frames.as_cpu().at(0).shape
+                rows.append({"codec": codec, "side": side, "decoded": True, "frames": int(shape[0]), "error": ""})
+            except Exception as e:
+                rows.append({"codec": codec, "side": side, "decoded": False, "frames": 0,
+                             "error": str(e).strip().splitlines()[0][:200]})
+    return rows
+
+
+def loader_modes(shards: Path, gpu: bool, batches: int, repeats: int) -> list[dict]:
+    from stica.tools.bench_loader import loader_throughput
+
+    cores = os.cpu_count() or 1
+    threads = min(cores, 8)
+    rows = []
+    for backend, mode in (("dali", "mixed"), ("dali", "hybrid"), ("dali", "cpu"), ("reference", "cpu")):
+        if mode != "cpu" and not gpu:
+            continue
+        r = loader_throughput(str(shards), backend, threads, batch_size=8, batches=batches, repeats=repeats,
+                              warmup=2, overrides=[f"data.device={mode}"])
+        rate = r["clips_per_s"]
+        rows.append({"backend": backend, "decode": mode, "threads_or_workers": threads, "clips_per_s": rate["median"],
+                     "clips_per_s_min": rate["min"], "clips_per_s_max": rate["max"],
+                     "clips_per_s_per_core": rate["median"] / threads})
+        print(f"[gpu-check] loader {backend} {mode} x{threads}: {rate['median']:.1f} clips/s", flush=True)
+    return rows
+
+
+def clip_costs(shards: Path, gpu: bool) -> list[dict]:
+    from stica.tools.bench_loader import clip_cost
+
+    rows = []
+    for mode in ("cpu", "mixed") if gpu else ("cpu",):
+        for r in clip_cost(str(shards), [0, 75, 150], batch_size=8, mode=mode):
+            rows.append({"mode": mode, "start": r["start"], "ms_per_clip": r["ms_per_clip"]["median"],
+                         "ms_min": r["ms_per_clip"]["min"], "ms_max": r["ms_per_clip"]["max"]})
+    return rows
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets, each with the measured figure and a verdict."""
+    rows = []
+    e2e = results.get("end_to_end") or {}
+    if "clips_per_s" in e2e:
+        rows.append({"target": f"end-to-end clips/s >= {TARGETS['clips_per_s']:.0f}", "measured": e2e["clips_per_s"],
+                     "met": e2e["clips_per_s"] >= TARGETS["clips_per_s"], "note": f"bound by the {e2e['bound_by']}"})
+        rows.append({"target": f"data wait < {TARGETS['data_wait_pct']:.0f}%", "measured": e2e["data_wait_pct"],
+                     "met": e2e["data_wait_pct"] < TARGETS["data_wait_pct"], "note": ""})
+    model = {(r["pooling"], r["strategy"]): r for r in results.get("model") or [] if isinstance(r, dict)}
+    two = model.get(("average", "Two RGB crops (2x112^2)"))
+    stica = model.get(("average", "Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)"))
+    if two and stica:
+        ratio = stica["step_s"] / two["step_s"]
+        rows.append({"target": f"feature crops <= {TARGETS['feature_vs_two_rgb']}x two RGB crops", "measured": ratio,
+                     "met": ratio <= TARGETS["feature_vs_two_rgb"], "note": "model-only step, average pooling"})
+    return rows
+
+
+def markdown(results: dict) -> str:
+    h = results["header"]
+    out = [f"# stica-bench --gpu-check on {h['device']}", "",
+           f"{h['date']}, commit {h['commit']}, torch {h['versions']['torch']} (CUDA {h['versions']['cuda']}), "
+           f"DALI {h['versions']['dali']}, PyAV {h['versions']['pyav']}; {h['cpu_cores']} CPU cores; "
+           f"{results['seconds']:.0f} s in all.", ""]
+    if results.get("targets"):
+        out += ["## Targets", "", "| target | measured | met | note |", "|---|---|---|---|"]
+        out += [f"| {t['target']} | {t['measured']:.3g} | {'yes' if t['met'] else 'NO'} | {t['note']} |"
+                for t in results["targets"]]
+        out.append("")
+    tests = results.get("gpu_tests")
+    if isinstance(tests, dict) and "cases" in tests:
+        out += ["## GPU tests (`pytest -m gpu`)", "",
+                f"{tests['passed']} passed, {tests['failed']} failed, {tests['error']} errors, "
+                f"{tests['skipped']} skipped.", "", "| test | outcome | detail |", "|---|---|---|"]
+        out += [f"| {c['test']} | {c['outcome']} | {c['detail'][:160]} |" for c in tests["cases"]]
+        out.append("")
+    if isinstance(results.get("nvdec_smallest_frame"), list):
+        out += ["## NVDEC: which square frame sizes decode", "", "| codec | side | decoded | error |", "|---|---|---|---|"]
+        out += [f"| {r['codec']} | {r['side']} | {'yes' if r['decoded'] else 'no'} | {r['error'][:120]} |"
+                for r in results["nvdec_smallest_frame"]]
+        out.append("")
+    if isinstance(results.get("model"), list):
+        out += ["## Model only (synthetic tensors, bf16, batch 8 per GPU)", "",
+                "| pooling | strategy | ms/step (min-max) | clips/s | vs Default | GPU-h/epoch | paper GPU-h (V100) | peak GiB | max batch |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["model"]:
+            paper = "-" if r["paper_gpu_hours_v100"] is None else f"{r['paper_gpu_hours_v100']:.1f}"
+            out.append(f"| {r['pooling']} | {r['strategy']} | {r['step_s'] * 1000:.1f} ({r['step_s_min'] * 1000:.1f}-"
+                       f"{r['step_s_max'] * 1000:.1f}) | {r['clips_per_s']:.1f} | {r['relative_to_default']:.2f}x | "
+                       f"{r['gpu_hours_per_epoch']:.2f} | {paper} | {r['peak_mem_gib'] or 0:.2f} | "
+                       f"{r.get('max_batch', '-')} |")
+        out.append("")
+    if isinstance(results.get("loader"), list):
+        out += ["## Loader only (two 112^2 views + spectrogram, 30 frames, batch 8)", "",
+                "| backend | decode | threads/workers | clips/s (min-max) | per core |", "|---|---|---|---|---|"]
+        out += [f"| {r['backend']} | {r['decode']} | {r['threads_or_workers']} | {r['clips_per_s']:.1f} "
+                f"({r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}) | {r['clips_per_s_per_core']:.1f} |"
+                for r in results["loader"]]
+        out.append("")
+    if isinstance(results.get("clip_cost"), list):
+        out += ["## Decode cost of a 30-frame clip by start frame (batch 8)", "",
+                "| decoder | start | ms per clip (min-max) |", "|---|---|---|"]
+        out += [f"| {r['mode']} | {r['start']} | {r['ms_per_clip']:.2f} ({r['ms_min']:.2f}-{r['ms_max']:.2f}) |"
+                for r in results["clip_cost"]]
+        out.append("")
+    e = results.get("end_to_end")
+    if isinstance(e, dict) and "clips_per_s" in e:
+        out += ["## End to end (the trainer on the generated shards)", "",
+                f"{e['clips_per_s']:.1f} clips/s, data wait {e['data_wait_pct']:.1f}% (median of {e['steps_timed']} "
+                f"logged windows after warm-up, {e['steps']} steps, data.device={e['device']}, width {e['width']}): "
+                f"bound by the {e['bound_by']}. GPU-hours per Kinetics-400 epoch at this rate: "
+                f"{KINETICS_TRAIN / e['clips_per_s'] / 3600:.1f} (paper, V100, STiCA: 30.0).", ""]
+    failed = {k: v["traceback"] for k, v in results.items() if isinstance(v, dict) and "traceback" in v}
+    if failed:
+        out += ["## Parts that failed", ""] + [f"- **{k}**: `{v.strip().splitlines()[-1][:300]}`"
+                                                for k, v in failed.items()] + [""]
+    if results["skipped"]:
+        out += ["## Skipped on this machine", ""] + [f"- {s}" for s in results["skipped"]] + [""]
+    return "\n".join(out)
+
+
+def plot(results: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    model = [r for r in results.get("model") or [] if r["pooling"] == "average"]
+    if model:
+        axes[0].barh([r["strategy"] for r in model], [r["relative_to_default"] for r in model])
+        axes[0].set_xlabel("step cost relative to Default (model only)")
+        axes[0].invert_yaxis()
+    bars = [(f"{r['backend']} {r['decode']}", r["clips_per_s"]) for r in results.get("loader") or []]
+    e2e = results.get("end_to_end") or {}
+    if "clips_per_s" in e2e:
+        bars.append(("trainer end to end", e2e["clips_per_s"]))
+    if bars:
+        axes[1].barh([b[0] for b in bars], [b[1] for b in bars], color=["C0"] * (len(bars) - 1) + ["C3"])
+        axes[1].axvline(TARGETS["clips_per_s"], color="k", ls="--", lw=1, label="target")
+        axes[1].set_xlabel("clips/s")
+        axes[1].legend()
+    fig.suptitle(f"stica-bench --gpu-check: {results['header']['device']} ({results['header']['date']}, "
+                 f"{results['header']['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(out: Path, preset: dict) -> int:
+    """preset: stica-bench's full model preset (batch 8 per GPU, repeats after warm-up)."""
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    t0 = time.perf_counter()
+    results = {"header": {"device": device_name(device), "date": datetime.date.today().isoformat(),
+                          "commit": _git_commit(), "versions": _versions(), "cpu_cores": os.cpu_count()},
+               "skipped": []}
+
+    def part(name, fn, needs_gpu=False):
+        if needs_gpu and not gpu:
+            results["skipped"].append(f"{name}: needs a CUDA GPU")
+            return None
+        print(f"[gpu-check] {name} ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+        try:
+            results[name] = fn()
+        except Skip as e:
+            results["skipped"].append(f"{name}: {e}")
+        except Exception:  # report it and go on: one broken part must not hide the others' figures
+            results[name] = {"traceback": traceback.format_exc()}
+            print(f"[gpu-check] {name} FAILED:\n{results[name]['traceback']}", flush=True)
+        return results.get(name)
+
+    part("gpu_tests", lambda: gpu_tests(out, timeout=240))
+    if isinstance(results.get("gpu_tests"), dict) and results["gpu_tests"].get("passed") == 0 and not gpu:
+        results["skipped"].append("gpu tests: every one skipped (no CUDA GPU)")
+    # The paper's model, bf16, the largest batch searched for Default and STiCA's strategy only (time).
+    part("model", lambda: run_model(preset, device, torch.bfloat16, KINETICS_TRAIN,
+                                    largest_for=("Default", "Feature crops (2x6")), needs_gpu=True)
+    work = Path(tempfile.mkdtemp(prefix="stica-gpu-check-"))
+
+    def shards():
+        missing = [m for m in ("av", "nvidia.dali") if importlib.util.find_spec(m.split(".")[0]) is None]
+        if missing:
+            raise Skip(f"{', '.join(missing)} not installed (the loader parts need PyAV to pack and DALI to read)")
+        return str(make_shards(work, videos=96 if gpu else 16, seconds=6.0 if gpu else 3.0))
+
+    shard_dir = part("shards", shards)
+    if isinstance(shard_dir, str):
+        part("nvdec_smallest_frame", nvdec_smallest_frame, needs_gpu=True)
+        part("loader", lambda: loader_modes(Path(shard_dir), gpu, batches=20 if gpu else 2, repeats=3 if gpu else 1))
+        if not gpu:
+            results["skipped"].append("loader mixed and hybrid modes: need a CUDA GPU")
+        part("clip_cost", lambda: clip_costs(Path(shard_dir), gpu))
+        e2e = dict(width=1.0, batch=8, e2e_steps=120, log_every=10) if gpu else \
+            dict(width=0.125, batch=4, e2e_steps=4, log_every=1)
+        part("end_to_end", lambda: run_end_to_end(shard_dir, e2e, "dali", ["data.device=auto"]))
+        if not gpu:
+            results["skipped"].append("end to end at full width and >=100 steps: needs a CUDA GPU (ran 4 CPU steps)")
+    else:
+        results["skipped"] += [f"{p}: no shards" for p in ("nvdec_smallest_frame", "loader", "clip_cost",
+                                                          "end_to_end")]
+    if gpu:
+        results["targets"] = targets(results)
+    else:
+        results["skipped"].append("targets (150 clips/s, data wait < 5%, feature crops <= 1.05x two RGB crops): "
+                                  "GPU figures")
+    results["seconds"] = time.perf_counter() - t0
+    report = markdown(results)
+    print(report)
+    (out / "report.md").write_text(report)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    for name in ("model", "loader", "clip_cost", "nvdec_smallest_frame"):
+        if isinstance(results.get(name), list):
+            write_csv(results[name], out / f"{name}.csv")
+    plot(results, out / "bench.png")
+    print(f"[gpu-check] wrote report.md, results.json, the CSVs and bench.png to {out}")
+    return 0
