@@ -1,6 +1,8 @@
 """DALI pipelines -> PyTorch: iterators yielding dicts of torch tensors, one pipeline per rank."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import torch
 
@@ -116,6 +118,21 @@ class DaliLoader:
             out["key"] = keys_from_source_info(batch["key"])
             yield out
         self.epoch, self.batch = self.epoch + 1, 0
+        del iterator, batch
+        release_finished_pipeline()
+
+
+def release_finished_pipeline():
+    """Give back what a finished epoch's pipeline held. The pipeline itself is freed when its
+    iterator goes, but the Python graph that pipeline_def built for it (DataNodes and operator
+    instances referring to each other, plus the classes made for its conditionals) is a
+    reference cycle the collector reaches late, and DALI keeps freed buffers in its pools.
+    Measured over 30 epochs of a small set: +11 MiB resident per epoch as is, flat with one
+    collection and DALI's ReleaseUnusedMemory at each epoch end (~50 ms per epoch)."""
+    from nvidia.dali.backend import ReleaseUnusedMemory
+
+    gc.collect()
+    ReleaseUnusedMemory()
 
 
 def build_loader(cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",

@@ -165,3 +165,16 @@ def test_decode_device_rules(monkeypatch):
         resolve_device("mixed", "vp9", 64, "/data/shards")
     with pytest.raises(ValueError, match="must be one of"):
         resolve_device("gpu", "vp9", 128)
+
+
+@pytest.mark.parametrize("backend, kind", [("dali", "pretrain"), ("dali", "eval"), ("reference", "pretrain")])
+def test_resident_memory_stays_flat_across_epochs(tmp_path_factory, backend, kind):
+    """24 epochs of a 16-video set (2 batches each): after the first 8, while pools fill, resident
+    memory may not grow by more than 3 MiB per epoch (the loader grew 11 MiB per epoch before)."""
+    from conftest import pack_demo_corpus
+    from stica.tools.bench_loader import growth_per_epoch, soak
+
+    shards = pack_demo_corpus(tmp_path_factory.mktemp("soak"), train=16, val=0)
+    cfg = config(shards, "data.batch_size=8", "data.eval_clips=2")
+    rss = soak(build_loader(cfg, kind=kind, backend=backend, workers=1), epochs=24)
+    assert growth_per_epoch(rss, skip=8) < 3.0, [round(r) for r in rss]

@@ -20,7 +20,7 @@ import torch
 from stica.distributed import amp_dtype
 from stica.shards import load_manifest
 from stica.tools import gpu_check
-from stica.tools.bench_loader import clip_cost, run_loader
+from stica.tools.bench_loader import clip_cost, run_loader, run_soak
 from stica.tools.bench_model import run_model
 from stica.tools.bench_train import run_end_to_end
 from stica.tools.measure import KINETICS_TRAIN, device_name, write_csv
@@ -103,13 +103,35 @@ def plot(results: dict, path: Path):
     plt.close(fig)
 
 
+def plot_soak(rows: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in dict.fromkeys(r["loader"] for r in rows):
+        ax.plot([r["epoch"] for r in rows if r["loader"] == name], [r["rss_mib"] for r in rows if r["loader"] == name],
+                label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("resident memory (MiB)")
+    ax.set_title("Loader memory across epochs")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="stica-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", help="stica-shard output (needed for the loader and end-to-end modes)")
     parser.add_argument("--quick", action="store_true", help="the CPU preset: minutes on 2 cores")
     parser.add_argument("--modes", default="model,loader,clipcost,e2e",
-                        help="comma list of model, loader, clipcost (decode cost by clip start), e2e")
+                        help="comma list of model, loader, clipcost (decode cost by clip start), e2e, soak "
+                             "(resident memory over --soak-epochs epochs of each loader)")
+    parser.add_argument("--soak-epochs", type=int, default=100)
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--dataset-size", type=int, default=None,
                         help=f"videos per epoch (default: Kinetics-400 train, {KINETICS_TRAIN:,})")
@@ -146,6 +168,10 @@ def main(argv=None):
                                  "ms_per_clip": r["ms_per_clip"]["median"], "ms_min": r["ms_per_clip"]["min"],
                                  "ms_max": r["ms_per_clip"]["max"]}
                                 for r in clip_cost(args.shards, [0, 135, 270], batch_size=p["loader_batch"])]
+    if "soak" in modes:
+        results["soak"] = run_soak(args.shards, args.soak_epochs)
+        write_csv(results["soak"], out / "soak.csv")
+        plot_soak(results["soak"], out / "soak.png")
     if "e2e" in modes:
         results["end_to_end"] = run_end_to_end(args.shards, p, "dali")
     report = markdown(results)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 from stica.config import load_config
@@ -83,4 +84,40 @@ def run_loader(shards: str, p: dict, backends: list[str]) -> list[dict]:
                          "clips_per_s": rate["median"], "clips_per_s_min": rate["min"],
                          "clips_per_s_max": rate["max"], "clips_per_s_per_core": rate["median"] / min(parallel, cores)})
             print(f"[bench] loader {backend:>9} ({r['device']}) x{parallel}: {rate['median']:.1f} clips/s", flush=True)
+    return rows
+
+
+def resident_mib() -> float:
+    """This process's resident memory now (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def soak(loader, epochs: int) -> list[float]:
+    """Resident MiB after each of `epochs` whole epochs of `loader`."""
+    rss = []
+    for _ in range(epochs):
+        for _ in loader:
+            pass
+        rss.append(resident_mib())
+    return rss
+
+
+def growth_per_epoch(rss: list[float], skip: int) -> float:
+    """Least-squares slope of resident memory per epoch, after `skip` warm-up epochs (pools filling)."""
+    ys = rss[skip:]
+    xs = range(len(ys))
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def run_soak(shards: str, epochs: int) -> list[dict]:
+    """Resident memory per epoch of the pretraining and evaluation DALI loaders and the reference loader."""
+    rows = []
+    for backend, kind in (("dali", "pretrain"), ("dali", "eval"), ("reference", "pretrain")):
+        cfg = load_config(DEFAULT_CONFIG, [f"data.shards={shards}", "data.batch_size=8", "data.threads=2",
+                                           "data.device=cpu", "data.eval_clips=2"]).data
+        rss = soak(build_loader(cfg, kind=kind, backend=backend, workers=1), epochs)
+        print(f"[bench] soak {backend} {kind}: {rss[0]:.0f} -> {rss[-1]:.0f} MiB over {epochs} epochs", flush=True)
+        rows += [{"loader": f"{backend} {kind}", "epoch": e + 1, "rss_mib": r} for e, r in enumerate(rss)]
     return rows
