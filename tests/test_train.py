@@ -105,7 +105,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
 def test_resume_at_another_world_size_continues_at_the_epoch_boundary_and_refuses_mid_epoch(shards, tmp_path):
     run = tmp_path / "rescale"
     # 16 videos, batch 4: 2 steps per epoch on 2 processes, 4 on one.
-    subprocess.run(train_cmd(shards, run, "train.max_steps=2", procs=2), env=ENV, check=True, capture_output=True)
+    out = subprocess.run(train_cmd(shards, run, "train.max_steps=2", procs=2), env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert (state["step"], state["world"], state["samples_seen"], state["loader"]) == (2, 2, 16, {"epoch": 1, "batch": 0})
     out = subprocess.run(train_cmd(shards, run, "train.max_steps=6"), env=ENV, capture_output=True, text=True)
@@ -114,7 +115,8 @@ def test_resume_at_another_world_size_continues_at_the_epoch_boundary_and_refuse
     assert [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())][-2:] == [5, 6]
 
     mid = tmp_path / "mid"
-    subprocess.run(train_cmd(shards, mid, "train.max_steps=3", procs=2), env=ENV, check=True, capture_output=True)
+    out = subprocess.run(train_cmd(shards, mid, "train.max_steps=3", procs=2), env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     out = subprocess.run(train_cmd(shards, mid, "train.max_steps=6"), env=ENV, capture_output=True, text=True)
     assert out.returncode != 0
     assert "written by 2 processes in the middle of epoch 1 (batch 1)" in out.stderr
