@@ -60,3 +60,16 @@ def test_gpu_check_without_a_gpu_runs_what_it_can_and_lists_what_it_skipped(tmp_
     report = (out / "report.md").read_text()
     assert "## Skipped on this machine" in report and "## GPU tests" in report
     assert (out / "bench.png").stat().st_size > 10_000 and (out / "loader.csv").exists()
+
+    # --parts: only the tests that did not pass run again, merged into the report; the other parts stay.
+    first = results["gpu_tests"]["cases"][0]
+    first.update(outcome="passed", detail="")
+    (out / "results.json").write_text(json.dumps(results))
+    assert bench_main(["--gpu-check", "--out", str(out), "--parts", "gpu_tests"]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    cases = merged["gpu_tests"]["cases"]
+    assert [c["nodeid"] for c in cases].count(first["nodeid"]) == 1 and len(cases) == len(tests["cases"])
+    assert merged["gpu_tests"]["passed"] == 1 and merged["loader"] == results["loader"]
+    assert merged["end_to_end"] == results["end_to_end"]
+    with pytest.raises(SystemExit, match="unknown part"):
+        bench_main(["--gpu-check", "--out", str(out), "--parts", "modle"])

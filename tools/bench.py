@@ -141,9 +141,12 @@ def main(argv=None):
                         help="prove the GPU path in one command (< 8 min on one GPU): the gpu tests, the model "
                              "preset, the loader in mixed/hybrid/cpu modes, 120 trainer steps on generated shards; "
                              "without a GPU it runs what it can and lists what it skipped")
+    parser.add_argument("--parts", default=",".join(gpu_check.PARTS),
+                        help="with --gpu-check: run these parts only, merged into the report already in --out "
+                             "(the gpu tests part re-runs only the tests that did not pass)")
     args = parser.parse_args(argv)
     if args.gpu_check:
-        return gpu_check.main(Path(args.out), PRESETS["full"])
+        return gpu_check.main(Path(args.out), PRESETS["full"], tuple(args.parts.split(",")))
     preset = "quick" if args.quick else "full"
     p = PRESETS[preset]
     modes = set(args.modes.split(","))

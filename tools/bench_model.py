@@ -103,7 +103,8 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
 
 
 def largest_batch(cfg, strategy: Strategy, frames: int, size: int, device, amp, limit: int = 1024) -> int:
-    """Doubling then bisection on CUDA out-of-memory errors (GPU only)."""
+    """Doubling, then bisection to within an eighth, on CUDA out-of-memory errors (GPU only): each
+    try is a new shape to autotune, and the last few percent do not change a batch-size decision."""
     def fits(b):
         try:
             measure_step(cfg, strategy, b, frames, size, device, amp, repeats=1, steps=1, warmup=0)
@@ -116,7 +117,7 @@ def largest_batch(cfg, strategy: Strategy, frames: int, size: int, device, amp, 
     lo, hi = 0, 1
     while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
-    while hi - lo > 1:
+    while hi - lo > max(1, lo // 8):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo

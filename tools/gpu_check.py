@@ -6,6 +6,10 @@ cost, and 120 end-to-end trainer steps on generated real-looking shards at 128 p
 runs on its own: one that fails is reported with its error and the rest still run. Writes
 report.md, results.json, CSVs and bench.png naming the GPU, the date and the commit. Without a
 GPU it runs what it can, exits 0 and lists what it skipped.
+
+`--parts` runs some parts only and merges them into the report already in `--out`, so a check
+interrupted by a time limit (or split across calls that bring its dependencies) is finished
+without redoing what passed: the gpu tests part re-runs only the tests that did not pass.
 """
 from __future__ import annotations
 
@@ -35,7 +39,12 @@ class Skip(Exception):
     """A part that cannot run on this machine, with the reason."""
 
 
+PARTS = ("gpu_tests", "model", "shards", "nvdec_smallest_frame", "loader", "clip_cost", "end_to_end")
+
+
 def _git_commit() -> str:
+    if os.environ.get("STICA_COMMIT"):  # a copy of the tree without .git (a remote GPU machine)
+        return os.environ["STICA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -53,12 +62,16 @@ def _versions() -> dict:
     return out
 
 
-def gpu_tests(out: Path, timeout: float) -> dict:
+def gpu_tests(out: Path, timeout: float, before: dict | None = None) -> dict:
+    """pytest -m gpu; given an earlier result, only the tests that did not pass then run again."""
     xml = out / "gpu_tests.xml"
+    kept = [c for c in (before or {}).get("cases", []) if c["outcome"] == "passed"]
+    deselect = [arg for c in kept for arg in ("--deselect", c["nodeid"])]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
-                           f"--junitxml={xml}", str(REPO / "tests")], cwd=REPO, capture_output=True, text=True,
+                           f"--junitxml={xml}", *deselect, "tests"], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
-    (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    with open(out / "gpu_tests.log", "a") as log:
+        log.write(proc.stdout + proc.stderr)
     if not xml.exists():
         raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {proc.stderr[-500:]}")
     cases = []
@@ -68,8 +81,10 @@ def gpu_tests(out: Path, timeout: float) -> dict:
             node = case.find(kind)
             if node is not None:
                 outcome, detail = {"failure": "failed"}.get(kind, kind), (node.get("message") or "")[:300]
-        cases.append({"test": case.get("name"), "outcome": outcome, "detail": detail,
+        nodeid = case.get("classname").replace(".", "/") + ".py::" + case.get("name")
+        cases.append({"test": case.get("name"), "nodeid": nodeid, "outcome": outcome, "detail": detail,
                       "seconds": float(case.get("time", 0))})
+    cases = kept + cases
     counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
     return {"exit_code": proc.returncode, **counts, "cases": cases}
 
@@ -268,17 +283,29 @@ def plot(results: dict, path: Path):
     plt.close(fig)
 
 
-def main(out: Path, preset: dict) -> int:
-    """preset: stica-bench's full model preset (batch 8 per GPU, repeats after warm-up)."""
+def main(out: Path, preset: dict, parts: tuple[str, ...] = PARTS) -> int:
+    """preset: stica-bench's full model preset (batch 8 per GPU, repeats after warm-up).
+    parts: a subset of PARTS runs those alone and merges them into out/results.json if it exists."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"stica-bench --gpu-check: unknown part(s) {sorted(unknown)}; parts are {', '.join(PARTS)}")
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     t0 = time.perf_counter()
-    results = {"header": {"device": device_name(device), "date": datetime.date.today().isoformat(),
-                          "commit": _git_commit(), "versions": _versions(), "cpu_cores": os.cpu_count()},
-               "skipped": []}
+    header = {"device": device_name(device), "date": datetime.date.today().isoformat(), "commit": _git_commit(),
+              "versions": _versions(), "cpu_cores": os.cpu_count()}
+    earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    if earlier and set(parts) != set(PARTS) and earlier["header"]["device"] == header["device"]:
+        results = {**earlier, "header": header}
+        results["skipped"] = [s for s in earlier["skipped"] if s.split(":")[0] not in parts]
+        t0 -= earlier.get("seconds", 0)
+    else:
+        results = {"header": header, "skipped": []}
 
     def part(name, fn, needs_gpu=False):
+        if name not in parts:  # looked up when called: the shards part adds itself where others need it
+            return results.get(name)
         if needs_gpu and not gpu:
             results["skipped"].append(f"{name}: needs a CUDA GPU")
             return None
@@ -290,15 +317,19 @@ def main(out: Path, preset: dict) -> int:
         except Exception:  # report it and go on: one broken part must not hide the others' figures
             results[name] = {"traceback": traceback.format_exc()}
             print(f"[gpu-check] {name} FAILED:\n{results[name]['traceback']}", flush=True)
+        # Saved after every part: a check killed at a time limit keeps what it measured (merge with --parts).
+        results["seconds"] = time.perf_counter() - t0
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         return results.get(name)
 
-    part("gpu_tests", lambda: gpu_tests(out, timeout=240))
+    part("gpu_tests", lambda: gpu_tests(out, timeout=300, before=results.get("gpu_tests")))
     if isinstance(results.get("gpu_tests"), dict) and results["gpu_tests"].get("passed") == 0 and not gpu:
         results["skipped"].append("gpu tests: every one skipped (no CUDA GPU)")
     # The paper's model, bf16, the largest batch searched for Default and STiCA's strategy only (time).
     part("model", lambda: run_model(preset, device, torch.bfloat16, KINETICS_TRAIN,
                                     largest_for=("Default", "Feature crops (2x6")), needs_gpu=True)
-    work = Path(tempfile.mkdtemp(prefix="stica-gpu-check-"))
+    # A fixed place, so that a later `--parts` call finds the videos and shards (packing resumes).
+    work = Path(tempfile.gettempdir()) / "stica-gpu-check"
 
     def shards():
         missing = [m for m in ("av", "nvidia.dali") if importlib.util.find_spec(m.split(".")[0]) is None]
@@ -306,9 +337,17 @@ def main(out: Path, preset: dict) -> int:
             raise Skip(f"{', '.join(missing)} not installed (the loader parts need PyAV to pack and DALI to read)")
         return str(make_shards(work, videos=96 if gpu else 16, seconds=6.0 if gpu else 3.0))
 
+    def nvdec():
+        if importlib.util.find_spec("av") is None or importlib.util.find_spec("nvidia") is None:
+            raise Skip("needs PyAV (to encode) and DALI (to decode)")
+        return nvdec_smallest_frame()
+
+    part("nvdec_smallest_frame", nvdec, needs_gpu=True)
+    on_shards = ("loader", "clip_cost", "end_to_end")
+    if set(on_shards) & set(parts):
+        parts = (*parts, "shards")
     shard_dir = part("shards", shards)
     if isinstance(shard_dir, str):
-        part("nvdec_smallest_frame", nvdec_smallest_frame, needs_gpu=True)
         part("loader", lambda: loader_modes(Path(shard_dir), gpu, batches=20 if gpu else 2, repeats=3 if gpu else 1))
         if not gpu:
             results["skipped"].append("loader mixed and hybrid modes: need a CUDA GPU")
@@ -319,8 +358,7 @@ def main(out: Path, preset: dict) -> int:
         if not gpu:
             results["skipped"].append("end to end at full width and >=100 steps: needs a CUDA GPU (ran 4 CPU steps)")
     else:
-        results["skipped"] += [f"{p}: no shards" for p in ("nvdec_smallest_frame", "loader", "clip_cost",
-                                                          "end_to_end")]
+        results["skipped"] += [f"{p}: no shards" for p in on_shards if p in parts]
     if gpu:
         results["targets"] = targets(results)
     else:
