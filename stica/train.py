@@ -59,6 +59,16 @@ def stica_loss(model, batch, cfg, generator, device, channels_last: bool):
     return loss, terms
 
 
+def make_optimizer(params, optim_cfg, lr, device, amp_dtype):
+    """SGD, fused on the GPU except under fp16: the fused kernel takes the grad scaler's inf check
+    on the device (no host sync), but on a step the scaler skips it still writes the momentum
+    buffers (uninitialised ones on the first step), and the next step blows the weights up. fp16
+    runs the unfused kernel, whose skip is a host sync; bf16 (the default) needs no scaler."""
+    fused = device.type == "cuda" and amp_dtype != torch.float16
+    return torch.optim.SGD(params, lr=lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay,
+                           fused=fused or None)
+
+
 def train_step(model, batch, cfg, generator, device, channels_last, amp_dtype, optimizer, scaler):
     """Forward, backward and update with no host-device synchronisation: the loss and its terms
     come back as device tensors, read on the log cadence."""
@@ -141,10 +151,8 @@ def main(argv=None):
 
     # Optimiser (lr scaled by the global batch)
     peak_lr = cfg.optim.base_lr * global_batch / cfg.optim.base_batch
-    # Fused SGD on the GPU takes the grad scaler's inf check without a host sync.
-    optimizer = torch.optim.SGD(core.parameters(), lr=peak_lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, fused=gpu or None)
     amp_dtype = distributed.amp_dtype(cfg.train.amp, dist.device)
+    optimizer = make_optimizer(core.parameters(), cfg.optim, peak_lr, dist.device, amp_dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # Resume

@@ -114,7 +114,7 @@ def largest_batch(cfg, strategy: Strategy, frames: int, size: int, device, amp, 
         finally:
             torch.cuda.empty_cache()
 
-    lo, hi = 0, 1
+    lo, hi = 0, 2  # the heads' BatchNorm needs two clips in training
     while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
     while hi - lo > max(1, lo // 8):

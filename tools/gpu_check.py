@@ -262,12 +262,14 @@ def plot(results: dict, path: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    model = [r for r in results.get("model") or [] if r["pooling"] == "average"]
+    model = results.get("model") if isinstance(results.get("model"), list) else []
+    model = [r for r in model if r["pooling"] == "average"]
     if model:
         axes[0].barh([r["strategy"] for r in model], [r["relative_to_default"] for r in model])
         axes[0].set_xlabel("step cost relative to Default (model only)")
         axes[0].invert_yaxis()
-    bars = [(f"{r['backend']} {r['decode']}", r["clips_per_s"]) for r in results.get("loader") or []]
+    loader = results.get("loader") if isinstance(results.get("loader"), list) else []
+    bars = [(f"{r['backend']} {r['decode']}", r["clips_per_s"]) for r in loader]
     e2e = results.get("end_to_end") or {}
     if "clips_per_s" in e2e:
         bars.append(("trainer end to end", e2e["clips_per_s"]))
