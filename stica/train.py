@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -107,7 +108,14 @@ def main(argv=None):
     torch.manual_seed(cfg.run.seed + dist.rank)
     np.random.seed(cfg.run.seed + dist.rank)
     gpu = dist.device.type == "cuda"
-    if gpu:
+    if cfg.train.deterministic:
+        # Two runs of the same command on one H100 part at the first loss by 1% and after a few steps
+        # by 20%: the autotuner picks kernels by timing, and their summation orders differ at bf16's
+        # precision. Deterministic kernels make a GPU run (and its resume) repeat itself; ops without
+        # one warn rather than stop the run.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif gpu:
         torch.backends.cudnn.benchmark = True  # fixed clip shapes: pick the fastest kernels once
     log = Logger(run_dir, dist.main)
     # Rank 0 reads the checkpoint and hands it to every rank: a node that cannot see the run

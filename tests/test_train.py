@@ -54,7 +54,9 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_losses(shards, tmp_pa
     reference = losses(whole)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(shards, killed, "train.max_steps=6", "train.ckpt_every=2"), env=ENV,
+    # train.deterministic (what a GPU needs for this, see test_gpu.py) runs here too and changes nothing on the CPU
+    proc = subprocess.Popen(train_cmd(shards, killed, "train.max_steps=6", "train.ckpt_every=2",
+                                      "train.deterministic=true"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

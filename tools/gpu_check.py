@@ -268,6 +268,9 @@ def plot(results: dict, path: Path):
         axes[0].barh([r["strategy"] for r in model], [r["relative_to_default"] for r in model])
         axes[0].set_xlabel("step cost relative to Default (model only)")
         axes[0].invert_yaxis()
+    else:
+        axes[0].axis("off")
+        axes[0].text(0.5, 0.5, "no model figures in this run (see report.md)", ha="center")
     loader = results.get("loader") if isinstance(results.get("loader"), list) else []
     bars = [(f"{r['backend']} {r['decode']}", r["clips_per_s"]) for r in loader]
     e2e = results.get("end_to_end") or {}
