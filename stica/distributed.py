@@ -69,5 +69,9 @@ def gather_objects(obj) -> list:
 
 
 def teardown():
+    """Every rank leaves together: a rank that tears its process group down while another is still
+    writing a checkpoint or a plot has been seen to abort (gloo, 'terminate called without an
+    active exception') and fail the whole torchrun job."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -203,10 +203,21 @@ def score_videos(net: nn.Module, cfg, split: str, dist) -> dict:
     return topk_accuracy(torch.stack([rows[k][0] for k in keys]), torch.tensor([rows[k][1] for k in keys]))
 
 
+def finetune_lr_factor(epoch: float, f) -> float:
+    """GDT's schedule: linear warm-up from x1 to x`warmup_multiplier` over `warmup_epochs`
+    (per step), then x`gamma` at each milestone epoch."""
+    factor = 1 + (f.warmup_multiplier - 1) * min(1.0, epoch / f.warmup_epochs) if f.warmup_epochs \
+        else f.warmup_multiplier
+    return factor * f.gamma ** sum(epoch >= m for m in f.milestones)
+
+
 def finetune(cfg, model, dist) -> dict:
     """The paper's schedule (GDT's): SGD, LR warm-up, step decay; data.eval_clips random clips
     per video per epoch; the epoch is chosen on foldN-val and only that model sees foldN-test."""
     f = cfg.eval.finetune
+    if f.batch_size % dist.world:
+        raise SystemExit(f"eval.finetune.batch_size={f.batch_size} is the global batch: it must split evenly over "
+                         f"{dist.world} processes")
     results = {}
     for fold in cfg.eval.folds:
         net = Classifier(copy.deepcopy(model), cfg.eval.num_classes).to(dist.device)
@@ -216,7 +227,10 @@ def finetune(cfg, model, dist) -> dict:
                   {"params": [p for n, p in net.named_parameters() if not n.startswith("fc.")], "lr": f.lr_base}]
         opt = torch.optim.SGD(groups, momentum=f.momentum, weight_decay=f.weight_decay)
         base_lrs = [f.lr_head, f.lr_base]
-        train_cfg = split_cfg(cfg.data, split_name(cfg, "train", fold), views=1, batch_size=f.batch_size)
+        # The global batch, as the schedule's learning rates were set for (GDT: 32): any number of
+        # processes then takes the same steps at the same rates.
+        train_cfg = split_cfg(cfg.data, split_name(cfg, "train", fold), views=1,
+                              batch_size=f.batch_size // dist.world)
         loader = build_loader(train_cfg, dist.rank, dist.world, dist.local_rank, backend=cfg.data.loader,
                               workers=cfg.data.workers)
         steps_per_epoch = len(loader) * f.clips_per_video
@@ -227,10 +241,7 @@ def finetune(cfg, model, dist) -> dict:
             ddp.train()
             for _ in range(f.clips_per_video):  # each pass draws one random clip per video
                 for batch in loader:
-                    e = step / steps_per_epoch
-                    factor = (1 + (f.warmup_multiplier - 1) * min(1.0, e / f.warmup_epochs)) if f.warmup_epochs \
-                        else f.warmup_multiplier
-                    factor *= f.gamma ** sum(e >= m for m in f.milestones)
+                    factor = finetune_lr_factor(step / steps_per_epoch, f)
                     for g, lr in zip(opt.param_groups, base_lrs):
                         g["lr"] = lr * factor
                     with torch.autocast(dist.device.type, dtype=amp, enabled=amp is not None):
@@ -248,7 +259,7 @@ def finetune(cfg, model, dist) -> dict:
             if best is None or val["top1"] > best[0]:
                 best = (val["top1"], epoch + 1, copy.deepcopy(net.state_dict()))
         net.load_state_dict(best[2])
-        results[f"fold{fold}"] = {"val_top1": best[0], "epoch": best[1],
+        results[f"fold{fold}"] = {"val_top1": best[0], "epoch": best[1], "steps": step, "global_batch": f.batch_size,
                                   **score_videos(net, cfg, split_name(cfg, "test", fold), dist)}
     results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("top1", "top5")}
     return results

@@ -1,12 +1,16 @@
 """Downstream evaluation: UCF-101 / HMDB-51 layouts and split files, recall@k, the tasks end to end."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from stica.config import load_config
+from stica.eval import finetune_lr_factor, recall_at_k, topk_accuracy
 from stica.eval import main as eval_main
-from stica.eval import recall_at_k
 from stica.shards import load_manifest
 from stica.tools.demo import SHAPES, make_video
 from stica.tools.shard import main as shard_main
@@ -72,10 +76,16 @@ def test_recall_at_k_against_a_hand_computed_case():
     assert r == {"R@1": pytest.approx(2 / 3), "R@2": pytest.approx(2 / 3), "R@3": pytest.approx(1.0)}
 
 
-def test_pack_ucf_then_retrieval_linear_probe_and_finetune(ucf, tmp_path, capsys):
-    shards = tmp_path / "shards"
+@pytest.fixture(scope="module")
+def ucf_shards(ucf, tmp_path_factory):
+    shards = tmp_path_factory.mktemp("ucf-shards") / "shards"
     status = shard_main(["pack", "--root", str(ucf / "UCF-101"), "--ucf101-splits", str(ucf / "splits"),
                          "--folds", "1", "--val-share", "0.25", "--out", str(shards), "--short-side", "64"])
+    return shards, status
+
+
+def test_pack_ucf_then_retrieval_linear_probe_and_finetune(ucf_shards, tmp_path, capsys):
+    shards, status = ucf_shards
     assert status == 1  # the missing test video
     (missing,) = [json.loads(l) for l in (shards / "failures.jsonl").read_text().splitlines()]
     assert missing["key"] == "v_Disc_g99_c01" and missing["split"] == "fold1-test" and missing["stage"] == "open"
@@ -95,3 +105,53 @@ def test_pack_ucf_then_retrieval_linear_probe_and_finetune(ucf, tmp_path, capsys
     assert "finetune fold 1 epoch 2/2" in out and "val top1" in out
     assert json.loads((tmp_path / "out" / "finetune.json").read_text()) == json.loads(json.dumps(tuned))
     assert "| fold1 |" in (tmp_path / "out" / "retrieval.md").read_text()
+
+
+def test_finetune_batch_is_global_so_two_processes_take_the_steps_of_one(ucf_shards, tmp_path):
+    shards, _ = ucf_shards
+    args = ["finetune", "--config", "configs/eval_ucf101.yaml", f"data.shards={shards}", *TINY,
+            "eval.finetune.epochs=1", "eval.finetune.clips_per_video=1", "eval.finetune.batch_size=4",
+            "eval.finetune.warmup_epochs=1"]
+    one = eval_main([*args, f"eval.out={tmp_path / 'one'}"])["fold1"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "stica.eval", *args, f"eval.out={tmp_path / 'two'}"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "finetune.json").read_text())["fold1"]
+    # 12 training videos at a global batch of 4: 3 steps, whether 1 process takes 4 clips or 2 take 2 each.
+    assert one["steps"] == two["steps"] == 3 and one["global_batch"] == two["global_batch"] == 4
+    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "stica.eval", *args[:-2], "eval.finetune.batch_size=3", f"eval.out={tmp_path / 'bad'}"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert bad.returncode != 0 and "must split evenly over 2 processes" in bad.stderr
+
+
+def test_topk_accuracy_and_instance_retrieval_by_hand():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5], [0.6, 0.5, 0.4]])
+    labels = torch.tensor([1, 2, 0, 2])
+    # Ranked classes: [1,0,2], [0,2,1], [2,1,0], [0,1,2]: hits at rank 1 for video 0 only; within 2 for 0 and 1.
+    assert topk_accuracy(logits, labels, ks=(1, 2, 3)) == {"top1": 0.25, "top2": 0.5, "top3": 1.0}
+    emb = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    ids = torch.arange(6)
+    assert recall_at_k(emb, ids, emb, ids, ks=(1,)) == {"R@1": 1.0}  # identical embeddings find themselves
+
+
+def test_finetune_learning_rate_factors_follow_the_schedule():
+    f = load_config("configs/eval_ucf101.yaml").eval.finetune  # x8 warm-up over 2 epochs, x0.05 at 6 and 10
+    factors = [finetune_lr_factor(e, f) for e in (0, 1, 2, 5.99, 6, 10, 11.9)]
+    assert factors == pytest.approx([1.0, 4.5, 8.0, 8.0, 0.4, 0.02, 0.02])
+    assert [round(f.lr_head * x, 6) for x in (8.0, 0.4, 0.02)] == [0.02, 0.001, 0.00005]
+
+
+def test_pretraining_warm_up_then_cosine():
+    from stica.train import learning_rate
+
+    # 10 warm-up epochs of 100 from 1/64 of the peak, then constant (as released) or cosine.
+    assert learning_rate(5000, load_config("configs/pretrain_kinetics.yaml").optim, 0.64, 100) == 0.64
+    optim = load_config("configs/pretrain_kinetics.yaml", ["optim.schedule=cosine"]).optim
+    peak, spe = 0.64, 100
+    assert learning_rate(0, optim, peak, spe) == pytest.approx(0.01)  # the released warm-up's start
+    assert learning_rate(500, optim, peak, spe) == pytest.approx(0.01 + (0.64 - 0.01) / 2)
+    assert learning_rate(1000, optim, peak, spe) == pytest.approx(0.64)  # peak at the end of warm-up
+    assert learning_rate(1000 + 4500, optim, peak, spe) == pytest.approx(0.32)  # half-way down the cosine
+    assert learning_rate(10_000, optim, peak, spe) == pytest.approx(0.0, abs=1e-12)

@@ -6,9 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+
+from stica.config import load_config
 
 from conftest import pack_demo_corpus
 
@@ -123,3 +126,21 @@ def test_resume_at_another_world_size_continues_at_the_epoch_boundary_and_refuse
     assert out.returncode != 0
     assert "written by 2 processes in the middle of epoch 1 (batch 1)" in out.stderr
     assert torch.load(mid / "checkpoint.pt", weights_only=False)["step"] == 3  # nothing overwritten
+
+
+@pytest.mark.parametrize("config", sorted(str(p) for p in Path("configs").glob("*.yaml")))
+def test_a_misspelt_key_is_an_error_naming_the_closest_keys(config, tmp_path):
+    cfg = load_config(config, ["data.batch_size=3"])
+    assert cfg.data.batch_size == 3
+    for bad, key, hint in (("data.batchsize=4", "data.batchsize", "data.batch_size"),
+                           ("trian.amp=none", "trian", "train"),
+                           ("model.transformer.layer=1", "model.transformer.layer", "model.transformer.layers")):
+        with pytest.raises(ValueError, match=rf"unknown config key '{key}'; did you mean {hint}"):
+            load_config(config, [bad])
+    # ...in a config file over its defaults too, and writes after loading are held to the keys.
+    child = tmp_path / "child.yaml"
+    child.write_text(f"defaults: {Path(config).resolve()}\ndata:\n  batch_size: 2\n  crop_sise: 96\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'data.crop_sise'.*data.crop_size"):
+        load_config(child)
+    with pytest.raises(Exception):
+        cfg.data.batchsize = 4
