@@ -73,3 +73,18 @@ def test_gpu_check_without_a_gpu_runs_what_it_can_and_lists_what_it_skipped(tmp_
     assert merged["end_to_end"] == results["end_to_end"]
     with pytest.raises(SystemExit, match="unknown part"):
         bench_main(["--gpu-check", "--out", str(out), "--parts", "modle"])
+
+
+def test_profile_mode_costs_each_stage_and_the_epoch_boundary(shards, tmp_path):
+    out = tmp_path / "profile"
+    assert bench_main(["--quick", "--modes", "profile", "--shards", str(shards), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["profile"]
+    assert [r["stage"].split(" ")[0] for r in rows] == ["decode,", "+", "+", "+", "+", "+"]
+    assert all(r["ms_min"] <= r["ms_per_clip"] <= r["ms_max"] for r in rows)
+    assert sum(r["stage_ms"] for r in rows) == pytest.approx(rows[-1]["ms_per_clip"])
+    assert rows[-1]["ms_per_clip"] > rows[0]["ms_per_clip"]  # a second view is never free
+    b = results["epoch_boundary"]
+    assert b["batches_per_epoch"] == 3 and b["steady_batch_s"] > 0 and b["boundary_s_max"] >= b["boundary_s"]
+    assert "## Where a clip's time goes" in (out / "report.md").read_text()
+    assert len(list(csv.DictReader(open(out / "profile.csv")))) == 6 and (out / "profile.png").stat().st_size > 5_000

@@ -20,7 +20,7 @@ import torch
 from stica.distributed import amp_dtype
 from stica.shards import load_manifest
 from stica.tools import gpu_check
-from stica.tools.bench_loader import clip_cost, run_loader, run_soak
+from stica.tools.bench_loader import clip_cost, epoch_boundary, profile, run_loader, run_soak
 from stica.tools.bench_model import run_model
 from stica.tools.bench_train import run_end_to_end
 from stica.tools.measure import KINETICS_TRAIN, device_name, write_csv
@@ -64,6 +64,16 @@ def markdown(results: dict) -> str:
         out += [f"| {r['start']} | {r['ms_per_clip']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
                 f"{r['ms_per_clip'] / rows[0]['ms_per_clip']:.2f}x |" for r in rows]
         out.append("")
+    if results.get("profile"):
+        b = results["epoch_boundary"]
+        out += ["## Where a clip's time goes (DALI CPU graph, one thread)", "",
+                "Each row turns one more stage on; its cost is the difference from the row above.", "",
+                "| stage | ms per clip per core (min-max) | this stage |", "|---|---|---|"]
+        out += [f"| {r['stage']} | {r['ms_per_clip']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
+                f"{r['stage_ms']:+.1f} |" for r in results["profile"]]
+        out += ["", f"Epoch boundary: the first batch of an epoch waits {b['boundary_s'] * 1000:.0f} ms (at most "
+                f"{b['boundary_s_max'] * 1000:.0f}) beyond a steady batch of {b['steady_batch_s'] * 1000:.0f} ms "
+                f"({b['batches_per_epoch']} batches per epoch, {b['epochs']} epochs).", ""]
     if results.get("end_to_end"):
         e = results["end_to_end"]
         out += ["## End to end (the trainer on the shards)", "",
@@ -103,6 +113,28 @@ def plot(results: dict, path: Path):
     plt.close(fig)
 
 
+def plot_profile(results: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["profile"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    left = 0.0
+    for i, r in enumerate(rows):
+        width = max(r["stage_ms"], 0.0)  # a stage within the noise can read slightly negative
+        ax.barh(0, width, left=left, color=f"C{i}", label=f"{r['stage']} ({r['stage_ms']:+.1f})")
+        left += width
+    ax.set_yticks([])
+    ax.set_xlabel("ms per clip per core (DALI CPU graph, one thread)")
+    ax.set_title(f"Where a clip's time goes ({results['device']})")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_soak(rows: list[dict], path: Path):
     import matplotlib
 
@@ -130,7 +162,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the CPU preset: minutes on 2 cores")
     parser.add_argument("--modes", default="model,loader,clipcost,e2e",
                         help="comma list of model, loader, clipcost (decode cost by clip start), e2e, soak "
-                             "(resident memory over --soak-epochs epochs of each loader)")
+                             "(resident memory over --soak-epochs epochs of each loader), profile (the cost of "
+                             "each stage of the DALI CPU graph, and of an epoch boundary)")
     parser.add_argument("--soak-epochs", type=int, default=100)
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--dataset-size", type=int, default=None,
@@ -171,6 +204,12 @@ def main(argv=None):
                                  "ms_per_clip": r["ms_per_clip"]["median"], "ms_min": r["ms_per_clip"]["min"],
                                  "ms_max": r["ms_per_clip"]["max"]}
                                 for r in clip_cost(args.shards, [0, 135, 270], batch_size=p["loader_batch"])]
+    if "profile" in modes:
+        results["profile"] = profile(args.shards, batch_size=p["loader_batch"], batches=p["loader_batches"],
+                                     repeats=p["repeats"])
+        results["epoch_boundary"] = epoch_boundary(args.shards, batch_size=p["loader_batch"])
+        write_csv(results["profile"], out / "profile.csv")
+        plot_profile(results, out / "profile.png")
     if "soak" in modes:
         results["soak"] = run_soak(args.shards, args.soak_epochs)
         write_csv(results["soak"], out / "soak.csv")

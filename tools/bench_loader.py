@@ -121,3 +121,61 @@ def run_soak(shards: str, epochs: int) -> list[dict]:
         print(f"[bench] soak {backend} {kind}: {rss[0]:.0f} -> {rss[-1]:.0f} MiB over {epochs} epochs", flush=True)
         rows += [{"loader": f"{backend} {kind}", "epoch": e + 1, "rss_mib": r} for e, r in enumerate(rss)]
     return rows
+
+
+# Each stage turns one more part of the pretraining graph on; a stage's cost is the difference
+# from the row above. The first row is what every clip pays: read, decode, one crop resized to
+# 112^2, normalised, laid out C,T,H,W, the audio window and its spectrogram, and the hand-off.
+PROFILE_STAGES = [
+    ("decode, 1 view (crop, resize, normalise, layout), audio, hand-off",
+     ["data.views=1", "data.flip_prob=0", "data.jitter_prob=0", "data.grayscale_prob=0", "data.blur_prob=0"]),
+    ("+ flip", ["data.views=1", "data.jitter_prob=0", "data.grayscale_prob=0", "data.blur_prob=0"]),
+    ("+ colour jitter", ["data.views=1", "data.grayscale_prob=0", "data.blur_prob=0"]),
+    ("+ grayscale", ["data.views=1", "data.blur_prob=0"]),
+    ("+ blur", ["data.views=1"]),
+    ("+ second view (the default graph)", []),
+]
+
+
+def profile(shards: str, batch_size: int = 8, batches: int = 6, repeats: int = 5) -> list[dict]:
+    """ms per clip per core of each stage of the DALI CPU graph (one thread), the stages measured
+    round-robin so that a slow spell of a shared machine falls on all of them alike."""
+    loaders = []
+    for name, overrides in PROFILE_STAGES:
+        cfg = load_config(DEFAULT_CONFIG, [f"data.shards={shards}", f"data.batch_size={batch_size}", "data.threads=1",
+                                           "data.device=cpu", *overrides]).data
+        stream = _forever(build_loader(cfg, backend="dali"))
+        next(stream)
+        loaders.append((name, stream, []))
+    for _ in range(repeats):
+        for name, stream, times in loaders:
+            t = time.perf_counter()
+            for _ in range(batches):
+                next(stream)
+            times.append((time.perf_counter() - t) * 1000 / (batches * batch_size))
+    rows, previous = [], 0.0
+    for name, _, times in loaders:
+        ms = summarize(times)
+        rows.append({"stage": name, "ms_per_clip": ms["median"], "ms_min": ms["min"], "ms_max": ms["max"],
+                     "stage_ms": ms["median"] - previous})
+        previous = ms["median"]
+        print(f"[bench] profile {name:<66} {ms['median']:6.1f} ms/clip/core", flush=True)
+    return rows
+
+
+def epoch_boundary(shards: str, epochs: int = 4, batch_size: int = 8, threads: int = 1) -> dict:
+    """Seconds the first batch of an epoch waits beyond a steady batch: the new epoch's pipeline
+    (built per epoch, seeded by epoch) filling its prefetch queue."""
+    cfg = load_config(DEFAULT_CONFIG, [f"data.shards={shards}", f"data.batch_size={batch_size}",
+                                       f"data.threads={threads}", "data.device=cpu"]).data
+    loader = build_loader(cfg, backend="dali")
+    first, steady = [], []
+    for epoch in range(epochs):
+        t = time.perf_counter()
+        for i, _ in enumerate(loader):
+            now = time.perf_counter()
+            (first if i == 0 else steady).append(now - t)
+            t = now
+    boundary = [f - statistics.median(steady) for f in first[1:]]  # the first epoch also builds the graph
+    return {"boundary_s": statistics.median(boundary), "boundary_s_max": max(boundary),
+            "steady_batch_s": statistics.median(steady), "batches_per_epoch": len(loader), "epochs": epochs}
