@@ -9,17 +9,15 @@ clip needs, as in the DALI graph, so the comparison is between decode-and-augmen
 """
 from __future__ import annotations
 
-import io
 import math
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from stica.media import decode_flac, decode_segment
 from stica.shards import load_manifest, parse_info, read_index, shard_paths, split_segments
-from stica.tools.transcode import decode_segment
 
 
 def hz_to_mel(f):
@@ -116,8 +114,7 @@ def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int) -> np.nda
 
 
 def decode_audio(flac: bytes) -> np.ndarray:
-    with av.open(io.BytesIO(flac)) as c:
-        return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]).astype(np.float32)
+    return decode_flac(flac).astype(np.float32)
 
 
 def audio_window(audio: np.ndarray, start: int, fps: int, seconds: float, rate: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import webdataset as wds
 
 from stica.shards import INFO_OFFSETS, load_manifest, parse_info, shard_paths, split_segments
 from stica.tools.shard import main as shard_main
-from stica.tools.transcode import decode_segment
+from stica.media import decode_segment
 
 from conftest import make_clip
 

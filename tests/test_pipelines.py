@@ -178,3 +178,22 @@ def test_resident_memory_stays_flat_across_epochs(tmp_path_factory, backend, kin
     cfg = config(shards, "data.batch_size=8", "data.eval_clips=2")
     rss = soak(build_loader(cfg, kind=kind, backend=backend, workers=1), epochs=24)
     assert growth_per_epoch(rss, skip=8) < 3.0, [round(r) for r in rss]
+
+
+def test_imports_run_one_way():
+    """tools and pipelines build on stica's core; the core's building blocks import neither, and
+    pipelines never reach into tools (the entry points train.py and eval.py sit on top of all)."""
+    import ast
+    from pathlib import Path
+
+    def imports(path):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return names | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    for path in Path("pipelines").glob("*.py"):
+        assert not {m for m in imports(path) if m.startswith("stica.tools")}, path
+    for path in Path("stica").glob("*.py"):
+        if path.stem in ("train", "eval"):
+            continue
+        assert not {m for m in imports(path) if m.startswith(("stica.tools", "stica.pipelines"))}, path

@@ -4,7 +4,8 @@ import pytest
 
 from stica.shards import parse_info, split_segments
 from stica.tools.synth import gray_frame, write_av
-from stica.tools.transcode import PackError, PackOptions, decode_flac, decode_segment, encode_flac, transcode
+from stica.media import decode_flac, decode_segment
+from stica.tools.transcode import PackError, PackOptions, encode_flac, transcode
 
 from conftest import SIZE, make_clip
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from stica.media import decode_flac, iter_frames
 from stica.shards import FORMAT_VERSION, pack_info
 
 CODECS = {  # name -> (encoder, container, options)
@@ -225,21 +226,11 @@ def encode_flac(audio: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
-def decode_segment(data: bytes) -> list[np.ndarray]:
-    """RGB frames of one packed segment (used for validation and by the reference loader)."""
-    return [f.to_ndarray(format="rgb24") for f in _iter_frames(data)]
-
-
-def decode_flac(data: bytes) -> np.ndarray:
-    with av.open(io.BytesIO(data)) as c:
-        return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
-
-
 def validate(segments: list[bytes], lengths: list[int], flac: bytes, audio_samples: int, path: Path):
     """Decode what was packed before it counts: a bad member would fail a whole DALI batch later."""
     try:
         for k, (seg, n) in enumerate(zip(segments, lengths)):
-            got = sum(1 for _ in _iter_frames(seg))
+            got = sum(1 for _ in iter_frames(seg))
             if got != n:
                 raise PackError("validate", f"segment {k} decodes to {got} frames, expected {n}")
         got = len(decode_flac(flac))
@@ -247,10 +238,3 @@ def validate(segments: list[bytes], lengths: list[int], flac: bytes, audio_sampl
         raise PackError("validate", f"packed output does not decode ({e})") from None
     if got != audio_samples:
         raise PackError("validate", f"audio decodes to {got} samples, expected {audio_samples}")
-
-
-def _iter_frames(data: bytes):
-    with av.open(io.BytesIO(data)) as c:
-        c.streams.video[0].thread_count = 1
-        yield from c.decode(video=0)
-
