@@ -238,3 +238,22 @@ def test_killed_gpu_run_resumes_at_the_saved_step(tmp_path):
         assert before[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), table
     for step in range(saved + 1, 9):  # ...and so does its resume
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-3), table
+
+
+def test_export_loads_into_torchvisions_r2plus1d_18_with_the_same_outputs(tmp_path):
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed here")
+    from test_export import write_checkpoint
+
+    from stica.tools.export import main as export_main
+
+    model = write_checkpoint(tmp_path / "checkpoint.pt")
+    assert export_main([str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "export")]) == 0
+    tv = torchvision.models.video.r2plus1d_18(weights=None)
+    result = tv.load_state_dict(torch.load(tmp_path / "export" / "video_r2plus1d_18.pt"), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    tv.fc = torch.nn.Identity()
+    clip = torch.randn(2, 3, 16, 112, 112, generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        ours = model.video.cuda().eval()(clip).mean(dim=(2, 3, 4))
+        theirs = tv.cuda().eval()(clip)
+    torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-4)
