@@ -104,15 +104,35 @@ def cross_modal_loss(keys: Keys, video: list[int], audio: int, temperature: floa
     return torch.stack(terms).mean()
 
 
-def within_modal_pairs(crops1: list, crops2: list) -> list[tuple[int, int]]:
-    """Eq. (6): every pair of the two views' crop sets except small-small; 2((m+n)^2 - n^2)
-    terms once both directions are counted."""
-    return [(i, j) for i, a in enumerate(crops1) for j, b in enumerate(crops2) if not (a.small and b.small)]
+def within_modal_pairs(crops1: list, crops2: list, scheme: str = "all") -> list[tuple[int, int, int]]:
+    """The directed L_vv terms as (query view, i, j) between crops1[i] and crops2[j]: query view 0
+    asks with crops1[i] against crops2[j], view 1 the other way.
+
+    all: eq. (6), every pair of the two views' crop sets except small-small, both directions:
+      2((m+n)^2 - n^2) terms (112 with the paper's crops).
+    released: as the released code pairs them, space and time apart: the second large crop of
+      each view with the other's (both directions), and every small crop of view 2 asking
+      against every large crop of view 1 (14 terms with the paper's crops)."""
+    if scheme == "all":
+        return [(d, i, j) for i, a in enumerate(crops1) for j, b in enumerate(crops2) if not (a.small and b.small)
+                for d in (0, 1)]
+    if scheme != "released":
+        raise ValueError(f"loss.vv_pairs={scheme!r}: 'all' or 'released'")
+    terms = []
+    for axis in ("space", "time"):
+        large1 = [i for i, c in enumerate(crops1) if c.axis == axis and not c.small]
+        large2 = [j for j, c in enumerate(crops2) if c.axis == axis and not c.small]
+        small2 = [j for j, c in enumerate(crops2) if c.axis == axis and c.small]
+        if len(large1) > 1 and len(large2) > 1:
+            terms += [(0, large1[1], large2[1]), (1, large1[1], large2[1])]
+        terms += [(1, i, j) for i in large1 for j in small2]
+    return terms
 
 
-def within_modal_loss(keys: Keys, z1: list[int], z2: list[int], pairs, temperature: float) -> torch.Tensor:
-    """L_vv over `pairs` of the embeddings z1[i], z2[j], both directions, averaged over its terms
-    (eq. 6 sums them; averaging, as the released code does, keeps lambda_vv meaningful whatever
-    the number of crops)."""
-    terms = [t for i, j in pairs for t in (keys.nce(z1[i], z2[j], temperature), keys.nce(z2[j], z1[i], temperature))]
+def within_modal_loss(keys: Keys, z1: list[int], z2: list[int], terms, temperature: float) -> torch.Tensor:
+    """L_vv over the directed `terms` (within_modal_pairs) between the embeddings z1[i] and
+    z2[j], averaged over them (eq. 6 sums them; averaging, as the released code does, keeps
+    lambda_vv meaningful whatever the number of crops)."""
+    terms = [keys.nce(z1[i], z2[j], temperature) if d == 0 else keys.nce(z2[j], z1[i], temperature)
+             for d, i, j in terms]
     return torch.stack(terms).mean()

@@ -53,7 +53,7 @@ def stica_loss(model, batch, cfg, generator, device, channels_last: bool):
     l_va = cross_modal_loss(keys, keys.video, keys.audio, cfg.loss.temp_va)
     terms = {"l_va": l_va}
     loss = cfg.loss.weight_va * l_va
-    pairs = within_modal_pairs(*crops) if crops else []
+    pairs = within_modal_pairs(*crops, cfg.loss.vv_pairs) if crops else []
     if pairs:
         terms["l_vv"] = within_modal_loss(keys, *keys.crops, pairs, cfg.loss.temp_vv)
         loss = loss + cfg.loss.weight_vv * terms["l_vv"]

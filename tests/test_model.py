@@ -72,14 +72,31 @@ def test_within_modal_pairs_count_is_2_times_m_plus_n_squared_minus_n_squared():
     c1, c2 = sample_crops(cfg, (4, 7, 7), g), sample_crops(cfg, (4, 7, 7), g)
     m, n = 4, 5  # medium: 2 space + 2 time; small: 4 space + 1 time
     pairs = within_modal_pairs(c1, c2)
-    assert 2 * len(pairs) == 2 * ((m + n) ** 2 - n ** 2) == 112
-    assert not any(c1[i].small and c2[j].small for i, j in pairs)
+    assert len(pairs) == 2 * ((m + n) ** 2 - n ** 2) == 112
+    assert not any(c1[i].small and c2[j].small for _, i, j in pairs)
     z1 = [F.normalize(torch.randn(3, 4), dim=1) for _ in c1]
     z2 = [F.normalize(torch.randn(3, 4), dim=1) for _ in c2]
     keys = Keys(z1 + z2)
     i1, i2 = list(range(len(z1))), list(range(len(z1), len(z1) + len(z2)))
-    expected = sum(nce(z1[i], z2[j], 0.5) + nce(z2[j], z1[i], 0.5) for i, j in pairs) / (2 * len(pairs))
+    undirected = {(i, j) for _, i, j in pairs}
+    expected = sum(nce(z1[i], z2[j], 0.5) + nce(z2[j], z1[i], 0.5) for i, j in undirected) / (2 * len(undirected))
     assert abs(within_modal_loss(keys, i1, i2, pairs, 0.5).item() - expected.item()) < 1e-6
+
+    # The released code's pairs: per axis, large[1] of each view both ways, then every small crop
+    # of view 2 asking against every large crop of view 1: space 2 + 2x4, time 2 + 2x1.
+    released = within_modal_pairs(c1, c2, "released")
+    assert len(released) == 14
+    large = lambda cs, axis: [i for i, c in enumerate(cs) if c.axis == axis and not c.small]
+    for axis, smalls in (("space", 4), ("time", 1)):
+        l1, l2 = large(c1, axis), large(c2, axis)
+        assert (0, l1[1], l2[1]) in released and (1, l1[1], l2[1]) in released
+        asked = [(i, j) for d, i, j in released if d == 1 and c2[j].small and c2[j].axis == axis]
+        assert len(asked) == 2 * smalls and {i for i, _ in asked} == set(l1)
+    assert not any(d == 0 and c2[j].small for d, i, j in released)
+    expected = sum((nce(z1[i], z2[j], 0.5) if d == 0 else nce(z2[j], z1[i], 0.5)) for d, i, j in released) / 14
+    assert abs(within_modal_loss(keys, i1, i2, released, 0.5).item() - expected.item()) < 1e-6
+    with pytest.raises(ValueError, match="vv_pairs"):
+        within_modal_pairs(c1, c2, "some")
 
 
 def test_cross_modal_loss_is_the_mean_of_its_four_terms():
@@ -100,7 +117,7 @@ def test_clips_without_audio_are_left_out_of_the_cross_modal_loss_only():
     audible = cross_modal_loss(Keys([a[has_audio], *(x[has_audio] for x in v)]), [1, 2], 0, 0.1)
     assert abs(mixed.item() - audible.item()) < 1e-6
     assert abs(mixed.item() - cross_modal_loss(Keys([a, *v]), [1, 2], 0, 0.1).item()) > 1e-3
-    within = within_modal_loss(Keys([a, *v], has_audio), [1], [2], [(0, 0)], 0.5)
+    within = within_modal_loss(Keys([a, *v], has_audio), [1], [2], [(0, 0, 0), (1, 0, 0)], 0.5)
     assert abs(within.item() - (nce(v[0], v[1], 0.5) + nce(v[1], v[0], 0.5)).item() / 2) < 1e-6
     silent = cross_modal_loss(Keys([a, *v], torch.zeros(6, dtype=torch.bool)), [1, 2], 0, 0.1)
     assert silent.item() == 0.0  # an all-silent batch contributes nothing, and no NaN

@@ -52,7 +52,7 @@ def strategy_loss(model, strategy: Strategy, views, spec, cfg, generator):
     keys = Keys.of_step(out)
     loss = cfg.loss.weight_va * cross_modal_loss(keys, keys.video[:strategy.large], keys.audio, cfg.loss.temp_va)
     if crops:
-        pairs = within_modal_pairs(crops[0], crops[1])
+        pairs = within_modal_pairs(crops[0], crops[1], cfg.loss.vv_pairs)
         loss = loss + cfg.loss.weight_vv * within_modal_loss(keys, keys.crops[0], keys.crops[1], pairs,
                                                              cfg.loss.temp_vv)
     elif len(keys.video) > 1:
