@@ -213,3 +213,24 @@ def test_a_training_step_issues_at_most_four_collectives_outside_ddp_buckets():
         for calls in out[rank]:
             assert len(calls) <= 4, calls
             assert sum(c.startswith("all_gather_") for c in calls) == 1 and sum(c.startswith("reduce_scatter_") for c in calls) == 1, calls
+
+
+def test_temporal_transformer_is_order_blind_as_released_and_not_with_positions():
+    from stica.model import TemporalPooling
+
+    cfg = load_config("configs/pretrain_kinetics.yaml").model.transformer  # layers 2, positional false, token first
+    torch.manual_seed(0)
+    h = torch.randn(3, 512, 4)
+    shuffled = h[:, :, [2, 0, 3, 1]]
+    # Output at the first token: permuting the others cannot matter without positions, only
+    # what sits first; keep the first step in place to see that.
+    keep_first = h[:, :, [0, 3, 1, 2]]
+    blind = TemporalPooling(cfg).eval()
+    with torch.no_grad():
+        assert (blind(keep_first) - blind(h)).abs().max() < 1e-4
+        assert (blind(shuffled) - blind(h)).abs().max() > 1e-3
+    cfg.positional = True
+    aware = TemporalPooling(cfg).eval()
+    torch.nn.init.normal_(aware.pos.weight, std=1.0)
+    with torch.no_grad():
+        assert (aware(keep_first) - aware(h)).abs().max() > 1e-3
