@@ -48,7 +48,17 @@ def split_cfg(data_cfg, split: str, **changes):
 
 
 def split_name(cfg, kind: str, fold: int) -> str:
-    return cfg.eval.splits[kind].format(fold=fold)
+    """Under eval.protocol=paper the training split is the whole official training list (the
+    held-out part read back in), as the paper trains and retrieves; 'select' keeps it apart."""
+    name = cfg.eval.splits[kind].format(fold=fold)
+    if kind == "train" and cfg.eval.protocol == "paper":
+        return f"{name}+{cfg.eval.splits.val.format(fold=fold)}"
+    return name
+
+
+def check_protocol(cfg):
+    if cfg.eval.protocol not in ("select", "paper"):
+        raise SystemExit(f"eval.protocol={cfg.eval.protocol!r}: 'select' or 'paper'")
 
 
 def gather_by_key(rows: dict, dist) -> dict:
@@ -104,12 +114,15 @@ def recall_at_k(queries, query_labels, gallery, gallery_labels, ks=(1, 5, 20)) -
 
 
 def retrieval(cfg, model, dist) -> dict:
+    """Test videos query the training videos; under eval.protocol=paper on split 1 only (Table 5)."""
     results = {}
-    for fold in cfg.eval.folds:
+    for fold in [1] if cfg.eval.protocol == "paper" else cfg.eval.folds:
         train_f, train_y, _ = video_features(model, cfg, split_name(cfg, "train", fold), dist)
         test_f, test_y, _ = video_features(model, cfg, split_name(cfg, "test", fold), dist)
-        results[f"fold{fold}"] = recall_at_k(test_f, test_y, train_f, train_y, cfg.eval.recall_at)
-    results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in next(iter(results.values()))}
+        results[f"fold{fold}"] = {**recall_at_k(test_f, test_y, train_f, train_y, cfg.eval.recall_at),
+                                  "queries": len(test_y), "gallery": len(train_y)}
+    results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in next(iter(results.values()))
+                       if k.startswith("R@")}
     return results
 
 
@@ -141,16 +154,19 @@ def topk_accuracy(logits, labels, ks=(1, 5)) -> dict:
 
 def linear_probe(cfg, model, dist) -> dict:
     """Multinomial logistic regression on frozen, standardised video features; the weight
-    decay is chosen on foldN-val, the test split is scored once."""
+    decay is chosen on foldN-val (under eval.protocol=paper, no hold-out: the first listed weight
+    decay, trained on the whole training list), the test split is scored once."""
     results = {}
     num_classes = cfg.eval.num_classes
+    paper = cfg.eval.protocol == "paper"
     for fold in cfg.eval.folds:
-        (tr, ytr, _), (va, yva, _), (te, yte, _) = (
-            video_features(model, cfg, split_name(cfg, s, fold), dist) for s in ("train", "val", "test"))
+        (tr, ytr, _), (te, yte, _) = (video_features(model, cfg, split_name(cfg, s, fold), dist)
+                                      for s in ("train", "test"))
+        va, yva = (te[:0], yte[:0]) if paper else video_features(model, cfg, split_name(cfg, "val", fold), dist)[:2]
         mean, std = tr.mean(0), tr.std(0) + 1e-6
         tr, va, te = ((x - mean) / std for x in (tr, va, te))
         best = None
-        for wd in cfg.eval.linear.weight_decays:
+        for wd in cfg.eval.linear.weight_decays[:1] if paper else cfg.eval.linear.weight_decays:
             clf = nn.Linear(tr.shape[1], num_classes)
             opt = torch.optim.LBFGS(clf.parameters(), max_iter=cfg.eval.linear.iterations, line_search_fn="strong_wolfe")
 
@@ -162,7 +178,7 @@ def linear_probe(cfg, model, dist) -> dict:
 
             opt.step(closure)
             with torch.no_grad():
-                val = topk_accuracy(clf(va), yva)["top1"]
+                val = topk_accuracy(clf(va), yva)["top1"] if len(yva) else None
             if best is None or val > best[0]:
                 best = (val, wd, clf)
         with torch.no_grad():
@@ -252,12 +268,16 @@ def finetune(cfg, model, dist) -> dict:
                     scaler.step(opt)
                     scaler.update()
                     step += 1
-            val = score_videos(net, cfg, split_name(cfg, "val", fold), dist)
+            if cfg.eval.protocol == "paper":  # no hold-out: the last epoch's model is the one tested
+                best, shown = (None, epoch + 1, net.state_dict()), "-"
+            else:
+                val = score_videos(net, cfg, split_name(cfg, "val", fold), dist)["top1"]
+                if best is None or val > best[0]:
+                    best = (val, epoch + 1, copy.deepcopy(net.state_dict()))
+                shown = f"{val:.3f}"
             if dist.main:
                 print(f"[stica.eval] finetune fold {fold} epoch {epoch + 1}/{f.epochs}: loss {loss.item():.3f} "
-                      f"val top1 {val['top1']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-            if best is None or val["top1"] > best[0]:
-                best = (val["top1"], epoch + 1, copy.deepcopy(net.state_dict()))
+                      f"val top1 {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
         net.load_state_dict(best[2])
         results[f"fold{fold}"] = {"val_top1": best[0], "epoch": best[1], "steps": step, "global_batch": f.batch_size,
                                   **score_videos(net, cfg, split_name(cfg, "test", fold), dist)}
@@ -286,6 +306,7 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
+    check_protocol(cfg)
     dist = distributed.setup(cfg.train.backend)
     model = load_model(cfg, cfg.eval.checkpoint)
     results = TASKS[args.task](cfg, model, dist)

@@ -68,9 +68,14 @@ def load_manifest(root: str | Path) -> dict:
 
 
 def shard_paths(root: str | Path, split: str) -> tuple[list[str], list[str]]:
-    """Tar paths and their DALI index paths for one split, in manifest order."""
+    """Tar paths and their DALI index paths for one split, in manifest order; `a+b` reads the
+    splits a and b as one (e.g. a training list and its held-out part)."""
     root = Path(root)
-    shards = load_manifest(root)["splits"][split]["shards"]
+    splits = load_manifest(root)["splits"]
+    unknown = [name for name in split.split("+") if name not in splits]
+    if unknown:
+        raise KeyError(f"{root}: no split {', '.join(unknown)} in manifest.json (splits: {', '.join(sorted(splits))})")
+    shards = [s for name in split.split("+") for s in splits[name]["shards"]]
     tars = [str(root / s["name"]) for s in shards]
     return tars, [t[:-len(".tar")] + ".idx" for t in tars]
 

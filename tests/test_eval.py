@@ -94,7 +94,8 @@ def test_pack_ucf_then_retrieval_linear_probe_and_finetune(ucf_shards, tmp_path,
 
     common = ["--config", "configs/eval_ucf101.yaml", f"data.shards={shards}", f"eval.out={tmp_path / 'out'}", *TINY]
     retrieval = eval_main(["retrieval", *common])
-    assert set(retrieval["fold1"]) == {"R@1", "R@5"} and 0 <= retrieval["fold1"]["R@1"] <= 1
+    assert set(retrieval["fold1"]) == {"R@1", "R@5", "queries", "gallery"} and 0 <= retrieval["fold1"]["R@1"] <= 1
+    assert (retrieval["fold1"]["queries"], retrieval["fold1"]["gallery"]) == (8, 12)  # 4 of 16 held out
     probe = eval_main(["linear", *common])
     assert 0 <= probe["fold1"]["top1"] <= probe["fold1"]["top5"] <= 1
     assert probe["fold1"]["weight_decay"] in (1e-4, 1e-3, 1e-2)
@@ -155,3 +156,18 @@ def test_pretraining_warm_up_then_cosine():
     assert learning_rate(1000, optim, peak, spe) == pytest.approx(0.64)  # peak at the end of warm-up
     assert learning_rate(1000 + 4500, optim, peak, spe) == pytest.approx(0.32)  # half-way down the cosine
     assert learning_rate(10_000, optim, peak, spe) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_paper_protocol_trains_on_the_whole_list_takes_the_last_epoch_and_retrieves_on_split_1(ucf_shards, tmp_path):
+    shards, _ = ucf_shards
+    common = ["--config", "configs/eval_ucf101.yaml", f"data.shards={shards}", f"eval.out={tmp_path}", *TINY,
+              "eval.protocol=paper", "eval.folds=[1,2]"]  # no fold 2 was packed: paper retrieval reads split 1 only
+    retrieval = eval_main(["retrieval", *common])
+    assert list(retrieval) == ["fold1", "mean"] and retrieval["fold1"]["gallery"] == 16  # train + held-out part
+    probe = eval_main(["linear", *common[:-1], "eval.folds=[1]"])
+    assert probe["fold1"]["weight_decay"] == 1e-4 and probe["fold1"]["val_top1"] is None
+    tuned = eval_main(["finetune", *common[:-1], "eval.folds=[1]", "eval.finetune.epochs=2",
+                       "eval.finetune.clips_per_video=1", "eval.finetune.batch_size=4", "eval.finetune.warmup_epochs=1"])
+    assert (tuned["fold1"]["epoch"], tuned["fold1"]["steps"], tuned["fold1"]["val_top1"]) == (2, 8, None)
+    with pytest.raises(SystemExit, match="eval.protocol='best'"):
+        eval_main(["retrieval", *common[:-2], "eval.protocol=best"])
