@@ -197,3 +197,67 @@ def test_imports_run_one_way():
         if path.stem in ("train", "eval"):
             continue
         assert not {m for m in imports(path) if m.startswith(("stica.tools", "stica.pipelines"))}, path
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_decoding_is_frame_exact_at_segment_edges_and_the_last_start(shards, backend):
+    """Clips starting at every frame 0..90 (eval_clips=91 over 120 frames): the segment edges
+    (29, 30, 59, 60) and the last start F-T = 90 included; a frame off by one is 8 levels off."""
+    cfg = config(shards, *NO_COLOUR, "data.eval_clips=91", "data.eval_crops=1", "data.batch_size=1")
+    batch = next(iter(build_loader(cfg, kind="eval", backend=backend, workers=0)))
+    assert batch["start"][0].tolist() == list(range(91))
+    levels = batch["video"][0][0].mean(dim=(1, 3, 4))  # clips x frames
+    for s in (0, 1, 29, 30, 31, 59, 60, 89, 90):
+        np.testing.assert_allclose(levels[s].numpy(), [level(s + t) for t in range(30)], atol=2, err_msg=str(s))
+
+
+def test_dali_and_reference_loaders_decode_the_same_pixels(shards):
+    cfg = config(shards, *NO_COLOUR, "data.eval_clips=3", "data.eval_crops=3")
+    dali = {k: v for b in build_loader(cfg, kind="eval") for k, v in zip(b["key"], b["video"][0])}
+    ref = {k: v for b in build_loader(cfg, kind="eval", backend="reference", workers=0)
+           for k, v in zip(b["key"], b["video"][0])}
+    assert sorted(dali) == sorted(ref) and len(dali) == 8
+    for key in dali:
+        assert (dali[key] - ref[key]).abs().max() <= 2.0, key
+
+
+def test_audio_window_is_aligned_to_its_first_frame_within_10_ms(shards):
+    """Fit the time offset of each clip's spectrogram against spectrograms of the known chirp
+    computed at offsets of -60..60 ms: the best fit must be within 10 ms of the clip's start."""
+    from stica.pipelines.reference import log_mel
+
+    cfg = config(shards, *NO_COLOUR, "data.views=1", "data.audio.volume_jitter=[1.0,1.0]")
+    rate = cfg.audio.rate
+    filters = mel_filters(cfg.audio.n_mels, cfg.audio.nfft, rate)
+    offsets_ms = np.arange(-60, 61, 2)
+    checked = 0
+    for batch in build_loader(cfg):
+        for spec, start in zip(batch["audio"], batch["start"].tolist()):
+            t0 = start / 30
+            errors = []
+            for off in offsets_ms:
+                t = t0 + off / 1000 + np.arange(rate) / rate
+                expected = log_mel(torch.from_numpy(chirp(t).astype(np.float32) * 32767), cfg.audio, filters)
+                loud = expected > expected.max() - 30
+                errors.append(float((expected - spec)[loud].abs().mean()))
+            best = offsets_ms[int(np.argmin(errors))]
+            assert abs(best) <= 10, (start, best)
+            checked += 1
+    assert checked == 8
+
+
+def test_dali_loader_resumes_mid_epoch_and_rotates_data_across_ranks(shards):
+    cfg = config(shards, "data.batch_size=1")
+    fresh = build_loader(cfg)
+    list(fresh)  # epoch 0
+    epoch1 = [b for b in fresh]
+    resumed = list(build_loader(cfg, state={"epoch": 1, "batch": 1}))
+    assert len(resumed) == len(epoch1) - 1 == 7
+    for a, b in zip(resumed, epoch1[1:]):
+        assert a["key"] == b["key"]
+        torch.testing.assert_close(a["video"][0], b["video"][0])
+        torch.testing.assert_close(a["audio"], b["audio"])
+    # Shard (rank + epoch) % world: what rank 1 reads in epoch 0, rank 0 reads in epoch 1.
+    keys = lambda rank, epoch: sorted(k for b in build_loader(cfg, rank=rank, world=2, state={"epoch": epoch, "batch": 0})
+                                      for k in b["key"])
+    assert keys(0, 1) == keys(1, 0) and keys(0, 0) == keys(1, 1) and not set(keys(0, 0)) & set(keys(1, 0))
