@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from stica.tools.bench import main as bench_main
 from conftest import pack_demo_corpus
@@ -88,3 +89,19 @@ def test_profile_mode_costs_each_stage_and_the_epoch_boundary(shards, tmp_path):
     assert b["batches_per_epoch"] == 3 and b["steady_batch_s"] > 0 and b["boundary_s_max"] >= b["boundary_s"]
     assert "## Where a clip's time goes" in (out / "report.md").read_text()
     assert len(list(csv.DictReader(open(out / "profile.csv")))) == 6 and (out / "profile.png").stat().st_size > 5_000
+
+
+def test_model_ratios_survive_one_slow_repeat(monkeypatch, capsys):
+    """A busy spell during one repeat of one row must not move that row's ratio to Default."""
+    from stica.tools import bench_model
+    from stica.tools.measure import summarize
+
+    def fake(cfg, strategy, *args, **kwargs):
+        times = [0.10, 0.10, 0.10] if strategy.name.startswith("Default") else [0.20, 0.20, 2.30]
+        return {"step_s": summarize(times), "peak_mem_gib": None}
+
+    monkeypatch.setattr(bench_model, "measure_step", fake)
+    rows = bench_model.run_model(dict(width=0.125, batch=2, frames=30, size=112, repeats=3, steps=1, warmup=0),
+                                 torch.device("cpu"), None, 1000)
+    assert all(r["relative_to_default"] == pytest.approx(2.0) for r in rows if not r["strategy"].startswith("Default"))
+    assert "repeats span 11.5x" in capsys.readouterr().out

@@ -7,11 +7,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import webdataset as wds
 
+from stica.media import decode_segment
 from stica.shards import INFO_OFFSETS, load_manifest, parse_info, shard_paths, split_segments
 from stica.tools.shard import main as shard_main
-from stica.media import decode_segment
 
 from conftest import make_clip
 
@@ -146,3 +147,33 @@ def test_dali_cpu_reader_decodes_a_segment_from_the_shards(class_tree, tmp_path)
             expected = decode_segment(split_segments(np.asarray(segs.at(i)).tobytes(), np.asarray(info.at(i)))[1])
             # DALI's and swscale's YUV->RGB conversions round differently by one level.
             np.testing.assert_allclose(np.asarray(clips.at(i)), np.stack(expected), atol=2)
+
+
+def test_crash_edges_a_cut_journal_line_an_unjournaled_shard_and_changed_options(class_tree, tmp_path):
+    out = tmp_path / "edges"
+    pack(class_tree, out)
+    whole = shard_digests(out)
+    journal = out / "_journal-train.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    last_shard = json.loads(lines[-1])["name"] if json.loads(lines[-1])["shard"] is not None else None
+    assert len(lines) >= 2 and last_shard
+
+    # A crash while appending the last record: half a line. It is dropped and its shard redone.
+    journal.write_text("".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])
+    before = (out / last_shard).stat().st_mtime_ns
+    pack(class_tree, out)
+    assert journal.read_text() == "".join(lines) and shard_digests(out) == whole
+    assert (out / last_shard).stat().st_mtime_ns != before  # rewritten, to the same bytes
+
+    # A crash after the rename but before the journal line: the tar is there, unrecorded.
+    journal.write_text("".join(lines[:-1]))
+    (out / last_shard.replace(".tar", ".idx")).unlink()
+    pack(class_tree, out)
+    assert journal.read_text() == "".join(lines) and shard_digests(out) == whole
+    assert (out / last_shard.replace(".tar", ".idx")).exists()
+
+    # Other options in the same --out: refused, nothing touched.
+    with pytest.raises(SystemExit, match="holds a packing job with other inputs or options"):
+        shard_main(["pack", "--root", str(class_tree), "--out", str(out), "--short-side", "96", "--seg-frames", "10",
+                    "--shard-samples", "2"])
+    assert journal.read_text() == "".join(lines) and shard_digests(out) == whole

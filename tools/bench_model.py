@@ -135,12 +135,14 @@ def run_model(p: dict, device, amp, dataset_size: int, largest_for: tuple[str, .
         for s in strategies:
             m = measure_step(cfg, s, p["batch"], p["frames"], p["size"], device, amp, p["repeats"], p["steps"],
                              p["warmup"])
-            step = m["step_s"]["median"]
-            base = base or step
+            step, fastest, slowest = m["step_s"]["median"], m["step_s"]["min"], m["step_s"]["max"]
+            # The ratio to Default uses each row's fastest repeat: on a shared machine a busy spell
+            # only ever adds time, and one slow repeat made a row read 11.5x Default.
+            base = base or fastest
             rate = p["batch"] / step
             row = {"strategy": s.name, "pooling": "transformer (2 layers)" if layers else "average",
-                   "batch": p["batch"], "step_s": step, "step_s_min": m["step_s"]["min"],
-                   "step_s_max": m["step_s"]["max"], "clips_per_s": rate, "relative_to_default": step / base,
+                   "batch": p["batch"], "step_s": step, "step_s_min": fastest, "step_s_max": slowest,
+                   "spread": slowest / fastest, "clips_per_s": rate, "relative_to_default": fastest / base,
                    "gpu_hours_per_epoch": gpu_hours(dataset_size, rate), "peak_mem_gib": m["peak_mem_gib"],
                    "paper_gpu_hours_v100": s.paper_gpu_hours if layers == 0 else None,
                    "paper_relative": s.paper_gpu_hours / 17.3 if layers == 0 else None}
@@ -149,4 +151,8 @@ def run_model(p: dict, device, amp, dataset_size: int, largest_for: tuple[str, .
             rows.append(row)
             print(f"[bench] model {row['pooling']:>22} | {s.name:<42} {step * 1000:8.1f} ms/step "
                   f"({row['relative_to_default']:.2f}x)", flush=True)
+            if row["spread"] > 1.5:
+                print(f"[bench] warning: {s.name} ({row['pooling']}): repeats span {row['spread']:.1f}x "
+                      f"({fastest * 1000:.1f}-{slowest * 1000:.1f} ms); the machine was busy. The ratio to Default "
+                      f"uses the fastest repeat; rerun for a steadier median.", flush=True)
     return rows
