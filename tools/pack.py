@@ -14,6 +14,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import tarfile
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stica.shards import FORMAT_VERSION, MEMBERS, shard_name
-from stica.tools.sources import Source, class_list
+from stica.tools.sources import MAX_KEY, Source, class_list
 from stica.tools.transcode import PackError, PackOptions, transcode
 
 
@@ -54,6 +55,9 @@ class ShardWriter:
         self.samples = self.bytes = 0
 
     def add(self, key: str, members: dict[str, bytes]):
+        # DALI's reader rules (see sources.clean_key); a key breaking them would cost the whole shard.
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,%d}" % MAX_KEY, key):
+            raise ValueError(f"sample key {key!r} is not readable by DALI's webdataset reader")
         for ext in MEMBERS:
             data = members[ext]
             info = tarfile.TarInfo(f"{key}.{ext}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -16,8 +17,21 @@ class Source:
     split: str
 
 
+MAX_KEY = 64  # with ".segs" well inside tar's 100-byte name field: no GNU long-name member
+
+
 def clean_key(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    """A file stem as a sample key DALI's webdataset reader can read: only letters, digits, '_'
+    and '-' (it splits key and extension at the first dot, and its index separates fields by
+    spaces) and at most MAX_KEY characters (it cannot read a GNU long-name member: one such name
+    made a whole shard unreadable). A stem that had to change keeps its identity in a hash of the
+    original, so 'a b' and 'a.b', or two names in another script, stay two keys; the original
+    name is kept in the sample's JSON ('source')."""
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if key == name and len(key) <= MAX_KEY:
+        return key
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return f"{key[:MAX_KEY - 11]}-{digest}"
 
 
 def _files_by_stem(root: Path) -> dict[str, Path]:
