@@ -1,4 +1,5 @@
 """Model sizes, feature crops and losses against direct computations."""
+import json
 import math
 
 import pytest
@@ -123,7 +124,7 @@ def test_clips_without_audio_are_left_out_of_the_cross_modal_loss_only():
     assert silent.item() == 0.0  # an all-silent batch contributes nothing, and no NaN
 
 
-def _gather_worker(rank, world, port, q, k, out):
+def _gather_worker(rank, world, port, q, k, out_dir):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -132,11 +133,11 @@ def _gather_worker(rank, world, port, q, k, out):
     kl = k[rank * n:(rank + 1) * n].clone().requires_grad_()
     keys = Keys([ql, kl])
     keys.nce(0, 1, 0.2).backward()
-    out[rank] = torch.cat([ql.grad, kl.grad], dim=1)
+    torch.save(torch.cat([ql.grad, kl.grad], dim=1), out_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_cross_rank_negatives_give_the_gradients_of_the_global_loss():
+def test_cross_rank_negatives_give_the_gradients_of_the_global_loss(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -147,15 +148,16 @@ def test_cross_rank_negatives_give_the_gradients_of_the_global_loss():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(world, port, q, k, out), nprocs=world)
+    # Results come back as files: a Manager would fork a server from this multi-threaded process.
+    mp.spawn(_gather_worker, args=(world, port, q, k, tmp_path), nprocs=world)
     # One process, whole batch: rank r's loss is its queries against all keys, positives at r*n + i.
     qf, kf = q.clone().requires_grad_(), k.clone().requires_grad_()
     logits = qf @ kf.T / 0.2
     total = sum(F.cross_entropy(logits[r * n:(r + 1) * n], torch.arange(n) + r * n) for r in range(world))
     total.backward()
     expected = torch.cat([qf.grad, kf.grad], dim=1)
-    torch.testing.assert_close(torch.cat([out[r] for r in range(world)]), expected, atol=1e-6, rtol=1e-5)
+    got = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in range(world)])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
@@ -164,7 +166,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather
                "all_to_all_single", "reduce", "gather", "scatter")
 
 
-def _collectives_worker(rank, world, port, out):
+def _collectives_worker(rank, world, port, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -192,11 +194,11 @@ def _collectives_worker(rank, world, port, out):
         meter.add(step, 0.0, 0.0, loss, terms)
         distributed.any_rank(meter.first_bad, False, torch.device("cpu"))  # the trainer's health check
         counts.append(list(calls))
-    out[rank] = counts
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(counts))
     dist.destroy_process_group()
 
 
-def test_a_training_step_issues_at_most_four_collectives_outside_ddp_buckets():
+def test_a_training_step_issues_at_most_four_collectives_outside_ddp_buckets(tmp_path):
     """2 processes on gloo, the paper's crop recipe scaled to the demo's map (2x3^2 + 2x2^2, 1x2 + 1x1:
     56 within-modal and 4 cross-modal NCE terms): one all_gather of all the step's embeddings, its
     reduce-scatter in backward, DDP's buffer broadcast and the health check, whatever the term count."""
@@ -207,10 +209,9 @@ def test_a_training_step_issues_at_most_four_collectives_outside_ddp_buckets():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_collectives_worker, args=(2, port, out), nprocs=2)
+    mp.spawn(_collectives_worker, args=(2, port, tmp_path), nprocs=2)
     for rank in range(2):
-        for calls in out[rank]:
+        for calls in json.loads((tmp_path / f"rank{rank}.json").read_text()):
             assert len(calls) <= 4, calls
             assert sum(c.startswith("all_gather_") for c in calls) == 1 and sum(c.startswith("reduce_scatter_") for c in calls) == 1, calls
 

@@ -124,7 +124,9 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
     first_use = {}
     for s in sources:  # sorted by (key, path): of two inputs with one key, the first path wins
         first_use.setdefault(s.key, s.path)
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    # forkserver, not fork: forking a process that already runs threads (torch's, DALI's, a test
+    # runner's) can leave a worker holding a lock no thread will release, and the job hangs.
+    pool = multiprocessing.get_context("forkserver").Pool(workers) if workers > 1 else None
     results = pool.imap(_work, jobs) if pool else map(_work, jobs)
     try:
         for position, (source, result, failure) in enumerate(results, start=start + 1):
