@@ -149,6 +149,10 @@ def profile(shards: str, batch_size: int = 8, batches: int = 6, repeats: int = 5
         loaders.append((name, stream, []))
     for _ in range(repeats):
         for name, stream, times in loaders:
+            # A pipeline left idle has run ahead into its prefetch queue (and refilled it while
+            # the previous stage was timed): take those batches untimed, then time fresh work.
+            for _ in range(cfg.prefetch + 1):
+                next(stream)
             t = time.perf_counter()
             for _ in range(batches):
                 next(stream)
