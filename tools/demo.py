@@ -42,7 +42,7 @@ def draw(shape: str, rgb, cx: float, cy: float) -> np.ndarray:
     return frame
 
 
-def make_video(path: Path, shape: str, hue: float, speed: float, phase: float):
+def make_video(path: Path, shape: str, hue: float, speed: float, phase: float, audio: bool = True):
     rgb = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.9, 0.95))
     pitch = 300.0 * 2 ** (2 * hue)  # two octaves across the hue circle
     timbre = SHAPES.index(shape)
@@ -56,7 +56,7 @@ def make_video(path: Path, shape: str, hue: float, speed: float, phase: float):
         beat = 0.55 + 0.45 * np.sin(2 * np.pi * 2 * speed * t + phase)  # louder on each half turn
         return 0.25 * tone * beat
 
-    write_av(path, frame, [i / FPS for i in range(int(SECONDS * FPS))], sound, audio_rate=24000,
+    write_av(path, frame, [i / FPS for i in range(int(SECONDS * FPS))], sound if audio else None, audio_rate=24000,
              size=(SIZE, SIZE))
 
 

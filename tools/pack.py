@@ -9,12 +9,15 @@ journals at the end.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
 import multiprocessing
 import os
+import pickle
 import re
+import shutil
 import tarfile
 from dataclasses import asdict
 from pathlib import Path
@@ -27,14 +30,27 @@ from stica.tools.sources import MAX_KEY, Source, class_list
 from stica.tools.transcode import PackError, PackOptions, transcode
 
 
-def _work(args):
-    source, label_index, opts = args
+def _transcode(source: Source, label_index: int, opts: PackOptions):
     try:
-        return source, transcode(source.path, source.key, source.label, label_index, opts), None
+        return transcode(source.path, source.key, source.label, label_index, opts), None
     except PackError as e:
-        return source, None, {"stage": e.stage, "reason": e.reason}
+        return None, {"stage": e.stage, "reason": e.reason}
     except Exception as e:  # a bug or an FFmpeg surprise must not kill a multi-day job: record it
-        return source, None, {"stage": "transcode", "reason": f"{type(e).__name__}: {e}"}
+        return None, {"stage": "transcode", "reason": f"{type(e).__name__}: {e}"}
+
+
+def _work(args):
+    """Transcode one source; one listed in several splits (UCF-101's three folds) is transcoded
+    once, its result (or failure) kept in `cache` for the other splits."""
+    source, label_index, opts, cache = args
+    if cache is None:
+        return (source, *_transcode(source, label_index, opts))
+    path = cache / (hashlib.sha1(f"{source.path}\0{source.key}\0{label_index}".encode()).hexdigest() + ".pkl")
+    if path.exists():
+        return (source, *pickle.loads(path.read_bytes()))
+    outcome = _transcode(source, label_index, opts)
+    _write_atomic(path, pickle.dumps(outcome))
+    return (source, *outcome)
 
 
 def _write_atomic(path: Path, data: bytes):
@@ -92,7 +108,9 @@ def read_journal(path: Path) -> list[dict]:
 
 
 def pack_split(sources: list[Source], split: str, out: Path, classes: list[str], opts: PackOptions,
-               seed: int, shard_bytes: int, shard_samples: int | None, workers: int) -> dict:
+               seed: int, shard_bytes: int, shard_samples: int | None, workers: int,
+               shared: set[str] = frozenset()) -> dict:
+    """`shared`: the source paths listed in other splits too (transcoded once, through a cache)."""
     journal_path = out / f"_journal-{split}.jsonl"
     journal = read_journal(journal_path)
     for stale in out.glob(f"{split}-*.tmp"):
@@ -117,7 +135,10 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
             os.fsync(f.fileno())
 
     label_index = {c: i for i, c in enumerate(classes)}
-    jobs = [(s, label_index.get(s.label, -1), opts) for s in ordered[start:]]
+    cache = out / "_transcoded"
+    if shared:
+        cache.mkdir(exist_ok=True)
+    jobs = [(s, label_index.get(s.label, -1), opts, cache if s.path in shared else None) for s in ordered[start:]]
     writer, failures = None, []
     bar = tqdm(total=len(ordered), initial=start, unit="video", desc=f"pack {split}", smoothing=0.05)
     bar.set_postfix(failed=failed_before)
@@ -174,9 +195,13 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
     _write_atomic(job_path, json.dumps(job, indent=1).encode())
 
     splits = {}
+    listed = collections.Counter(s.path for s in sources)
+    shared = {path for path, n in listed.items() if n > 1}
     for split in sorted({s.split for s in sources}):
         members = sorted((s for s in sources if s.split == split), key=lambda s: (s.key, s.path))
-        splits[split] = pack_split(members, split, out, classes, opts, seed, shard_bytes, shard_samples, workers)
+        splits[split] = pack_split(members, split, out, classes, opts, seed, shard_bytes, shard_samples, workers,
+                                   shared)
+    shutil.rmtree(out / "_transcoded", ignore_errors=True)  # every split is written: the cache has served
 
     failures = [f for s in splits.values() for f in s.pop("failures")]
     failed_paths = {f["path"] for f in failures}

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-rate", type=int, default=d.audio_rate)
     p.add_argument("--min-frames", type=int, default=d.min_frames, help="shorter videos are reported, not packed")
     p.add_argument("--allow-no-audio", action="store_true",
-                   help="pack videos without audio as silence with has_audio=0 (default: report and skip)")
+                   help="pack videos without audio as silence with has_audio=0 (default: report and skip; "
+                        "always on with --ucf101-splits/--hmdb51-splits, whose evaluation is video-only)")
     v = sub.add_parser("verify", help="re-read every shard: checksums, DALI reads, decodes, counts")
     v.add_argument("dir")
     v.add_argument("--device", choices=["cpu", "mixed"], default="cpu",
@@ -72,9 +73,12 @@ def pack(args) -> int:
         sources = src.from_kinetics_csv(args.csv, args.root)
     else:
         sources = src.from_class_folders(args.root, args.split)
+    # Evaluation sets are scored on the picture alone, and about half of UCF-101 has no sound:
+    # their split-file modes keep video-only videos (has_audio 0) rather than lose them.
+    split_files = bool(args.ucf101_splits or args.hmdb51_splits)
     opts = PackOptions(fps=args.fps, short_side=args.short_side, codec=args.codec, crf=args.crf, speed=args.speed,
                        seg_frames=args.seg_frames, audio_rate=args.audio_rate, min_frames=args.min_frames,
-                       allow_no_audio=args.allow_no_audio)
+                       allow_no_audio=args.allow_no_audio or split_files)
     start = time.perf_counter()
     result = job.run(sources, args.out, opts, seed=args.seed, shard_bytes=args.shard_size,
                      shard_samples=args.shard_samples, workers=max(1, args.workers))
