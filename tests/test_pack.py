@@ -199,3 +199,18 @@ def test_awkward_file_names_become_keys_dali_reads(tmp_path):
     assert "plain_name" in keys  # a name that is already a key stays as it is
     for key in keys:
         assert len(key) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+
+
+def test_concealed_packets_are_listed_in_the_manifest(tmp_path, capsys):
+    from test_transcode import damage_packets
+
+    root = tmp_path / "videos" / "cls"
+    root.mkdir(parents=True)
+    make_clip(root / "good.mp4", seconds=2.0)
+    clip = make_clip(tmp_path / "clip.mp4", seconds=8.0)
+    damage_packets(clip, "audio", out=root / "damaged.mp4")
+    out = tmp_path / "shards"
+    assert pack(tmp_path / "videos", out) == 0
+    (entry,) = load_manifest(out)["splits"]["train"]["concealed"]
+    assert entry["key"] == "damaged" and entry["packets"] == {"video": 0, "audio": 1} and entry["seconds"] > 0
+    assert "1 video(s) packed with corrupt packets concealed" in capsys.readouterr().out

@@ -106,3 +106,89 @@ def test_no_audio_packs_as_silence_when_allowed(tmp_path):
     assert result["meta"]["has_audio"] == 0
     audio = decode_flac(result["members"]["flac"])
     assert len(audio) == 60 * 800 and not audio.any()
+
+
+def damage_packets(path, kind, share=None, out=None):
+    """Overwrite the payload of one packet of `kind` in the middle of the file (or of every
+    packet with probability `share`) with random bytes, as a disk or a download does."""
+    import av
+
+    with av.open(str(path)) as c:  # keyframes are left whole: losing one loses its whole group of pictures
+        packets = [(p.pos, p.size) for p in c.demux() if p.size > 64 and p.stream.type == kind and p.pos is not None
+                   and not (kind == "video" and p.is_keyframe)]
+    rng = np.random.default_rng(0)
+    chosen = [packets[len(packets) // 2]] if share is None else [p for p in packets if rng.random() < share]
+    data = bytearray(path.read_bytes())
+    for pos, size in chosen:
+        data[pos + 8:pos + size - 8] = rng.integers(0, 256, size - 16, dtype=np.uint8).tobytes()
+    out = out or path.with_name(f"damaged_{kind}_{path.name}")
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".avi"])
+@pytest.mark.parametrize("kind", ["video", "audio"])
+def test_one_corrupt_packet_is_concealed_and_counted(tmp_path, suffix, kind):
+    # A moving texture, so that frames between keyframes are packets worth damaging; 8 s, of
+    # which 2% (160 ms) may be lost.
+    texture = np.random.default_rng(1).integers(0, 256, (SIZE[1], SIZE[0] * 2, 3), dtype=np.uint8)
+    path = write_av(tmp_path / f"clip{suffix}", lambda t: np.roll(texture, 3 * round(t * 30), axis=1)[:, :SIZE[0]],
+                    [i / 30 for i in range(240)], lambda t: 0.3 * np.sin(2 * np.pi * 440 * t), size=SIZE)
+    result = transcode(damage_packets(path, kind), "clip", "x", 0, OPTS)
+    meta = result["meta"]
+    assert meta["num_frames"] == 240 and len(frames_of(result)) == 240
+    assert len(decode_flac(result["members"]["flac"])) == meta["audio_samples"]
+    # H.264, AAC and FLAC report the packet, which is then concealed and counted; MPEG-4 Part 2
+    # and AC3 may conceal the damage inside the decoder, with nothing to count.
+    counted = meta["concealed_packets"]
+    assert counted[kind] == 1 or (suffix == ".avi" and counted[kind] == 0)
+    assert counted["audio" if kind == "video" else "video"] == 0
+    assert 0 <= meta["concealed_seconds"] <= 0.11
+    if kind == "audio" and counted["audio"]:  # the lost packet's span is silence, the rest stays in place
+        assert 0.015 < meta["audio_gap_seconds"] <= 0.11
+
+
+def test_many_corrupt_packets_fail_the_video_past_the_threshold(tmp_path):
+    path = damage_packets(make_clip(tmp_path / "clip.mp4", seconds=3.0), "audio", share=0.3)
+    with pytest.raises(PackError, match="audio packets do not decode: .* more than concealment is allowed"):
+        transcode(path, "clip", "x", 0, OPTS)
+    meta = transcode(path, "clip", "x", 0, PackOptions(short_side=64, seg_frames=10, max_lost_share=0.5))["meta"]
+    assert meta["concealed_packets"]["audio"] >= 5
+
+
+def test_audio_after_a_gap_in_its_timestamps_stays_with_its_picture(tmp_path):
+    """MKV whose audio packets are absent from 4.0 to 4.5 s (later timestamps true): every click
+    after the gap must still sound within one video frame of its flash."""
+    import av
+
+    path, rate, fps = tmp_path / "gap.mkv", 24000, 30
+    clicks = np.arange(0.25, 6.0, 0.5)
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = SIZE[0], SIZE[1], "yuv420p"
+        aus = c.add_stream("flac", rate=rate, layout="mono")
+        for i in range(6 * fps):
+            flash = any(abs(i / fps - k) < 0.5 / fps for k in clicks)
+            frame = av.VideoFrame.from_ndarray(gray_frame(240 if flash else 20, SIZE), format="rgb24")
+            frame.pts = i
+            c.mux(vs.encode(frame))
+        c.mux(vs.encode())
+        block = 1024
+        t = np.arange(6 * rate) / rate
+        signal = np.where(np.any([(k <= t) & (t < k + 0.02) for k in clicks], axis=0), 0.8 * np.sin(2 * np.pi * 1500 * t), 0)
+        pcm = (signal * 32767).astype(np.int16)
+        for start in range(0, len(pcm), block):
+            if 4.0 * rate <= start < 4.5 * rate:
+                continue  # these packets never reach the file
+            frame = av.AudioFrame.from_ndarray(pcm[None, start:start + block], format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            c.mux(aus.encode(frame))
+        c.mux(aus.encode())
+    result = transcode(path, "gap", "x", 0, OPTS)
+    audio = decode_flac(result["members"]["flac"]).astype(np.float32)
+    loud = np.convolve(np.abs(audio) > 8000, np.ones(48), "same") > 0
+    onsets = np.flatnonzero(loud[1:] & ~loud[:-1]) + 1
+    heard = [k for k in clicks if not 4.0 <= k < 4.5]
+    assert len(onsets) == len(heard)
+    assert np.abs(onsets / rate - np.array(heard)).max() < 1 / fps
+    assert 0.45 < result["meta"]["audio_gap_seconds"] < 0.55

@@ -124,9 +124,10 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
     done = start
 
     def publish(writer, failures, position):
-        nonlocal done
+        nonlocal done, concealed
         done = position
-        record = {"shard": None, "next": position, "failures": failures}
+        record = {"shard": None, "next": position, "failures": failures, "concealed": concealed}
+        concealed = []
         if writer is not None:
             record.update(shard=shard_index, **writer.close())
         with open(journal_path, "a") as f:
@@ -139,7 +140,7 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
     if shared:
         cache.mkdir(exist_ok=True)
     jobs = [(s, label_index.get(s.label, -1), opts, cache if s.path in shared else None) for s in ordered[start:]]
-    writer, failures = None, []
+    writer, failures, concealed = None, [], []  # concealed: this shard's videos with corrupt packets hidden
     bar = tqdm(total=len(ordered), initial=start, unit="video", desc=f"pack {split}", smoothing=0.05)
     bar.set_postfix(failed=failed_before)
     first_use = {}
@@ -160,6 +161,10 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
                 if writer is None:
                     writer = ShardWriter(out / shard_name(split, shard_index))
                 writer.add(source.key, result["members"])
+                meta = result["meta"]
+                if sum(meta["concealed_packets"].values()):
+                    concealed.append({"key": source.key, "path": source.path, "packets": meta["concealed_packets"],
+                                      "seconds": meta["concealed_seconds"]})
                 if writer.bytes >= shard_bytes or (shard_samples and writer.samples >= shard_samples):
                     publish(writer, failures, position)
                     failed_before += len(failures)
@@ -178,7 +183,8 @@ def summarize(journal: list[dict]) -> dict:
     shards = [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in journal if r["shard"] is not None]
     return {"shards": shards, "samples": sum(s["samples"] for s in shards),
             "bytes": sum(s["bytes"] for s in shards),
-            "failures": [f for r in journal for f in r["failures"]]}
+            "failures": [f for r in journal for f in r["failures"]],
+            "concealed": [c for r in journal for c in r.get("concealed", [])]}
 
 
 def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0,
@@ -212,4 +218,5 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
     _write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
     _write_atomic(out / "classes.txt", "".join(c + "\n" for c in classes).encode())
     return {"packed": {k: v["samples"] for k, v in splits.items()}, "failures": failures,
+            "concealed": sum(len(v["concealed"]) for v in splits.values()),
             "shard_bytes": sum(v["bytes"] for v in splits.values()), "source_bytes": source_bytes}

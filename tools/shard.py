@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames per independently decodable segment (and keyframe interval)")
     p.add_argument("--audio-rate", type=int, default=d.audio_rate)
     p.add_argument("--min-frames", type=int, default=d.min_frames, help="shorter videos are reported, not packed")
+    p.add_argument("--max-lost-share", type=float, default=d.max_lost_share,
+                   help="conceal corrupt packets (video: previous frame held; audio: silence) unless they lose "
+                        "more than this share of the duration (0.02) ...")
+    p.add_argument("--max-lost-seconds", type=float, default=d.max_lost_seconds, help="... or this many seconds (1)")
     p.add_argument("--allow-no-audio", action="store_true",
                    help="pack videos without audio as silence with has_audio=0 (default: report and skip; "
                         "always on with --ucf101-splits/--hmdb51-splits, whose evaluation is video-only)")
@@ -78,12 +82,16 @@ def pack(args) -> int:
     split_files = bool(args.ucf101_splits or args.hmdb51_splits)
     opts = PackOptions(fps=args.fps, short_side=args.short_side, codec=args.codec, crf=args.crf, speed=args.speed,
                        seg_frames=args.seg_frames, audio_rate=args.audio_rate, min_frames=args.min_frames,
-                       allow_no_audio=args.allow_no_audio or split_files)
+                       allow_no_audio=args.allow_no_audio or split_files, max_lost_share=args.max_lost_share,
+                       max_lost_seconds=args.max_lost_seconds)
     start = time.perf_counter()
     result = job.run(sources, args.out, opts, seed=args.seed, shard_bytes=args.shard_size,
                      shard_samples=args.shard_samples, workers=max(1, args.workers))
     packed = ", ".join(f"{split}: {n}" for split, n in result["packed"].items())
     stages = collections.Counter(f["stage"] for f in result["failures"])
+    if result["concealed"]:
+        print(f"{result['concealed']} video(s) packed with corrupt packets concealed: see 'concealed' in "
+              f"{args.out}/manifest.json")
     print(f"packed {sum(result['packed'].values())} videos ({packed}); failed {len(result['failures'])}"
           + (f" ({', '.join(f'{k}: {n}' for k, n in sorted(stages.items()))}); see {args.out}/failures.jsonl"
              if stages else ""))

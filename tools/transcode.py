@@ -38,6 +38,10 @@ class PackOptions:
     allow_no_audio: bool = False
     # A stream that decodes to less than this share of the duration its container declares is truncated.
     min_decoded_share: float = 0.9
+    # Corrupt packets are concealed (video: the previous frame held; audio: silence for the lost
+    # span) unless they lose more than this share of the duration or this many seconds.
+    max_lost_share: float = 0.02
+    max_lost_seconds: float = 1.0
 
 
 class PackError(Exception):
@@ -110,6 +114,46 @@ def _declared_duration(container, stream) -> float | None:
     return container.duration / av.time_base if container.duration else None
 
 
+class AudioTrack:
+    """Decoded audio resampled to mono s16 at `rate`, each frame placed by its timestamp: where
+    the timestamps jump ahead (packets lost, or never there) the span is silence, where they go
+    back the repeated samples are dropped. Concatenating in decode order instead shifted every
+    later sound by the size of the gap."""
+
+    def __init__(self, rate: int):
+        self.rate, self.resampler = rate, av.AudioResampler(format="s16", layout="mono", rate=rate)
+        self.chunks, self.start, self.placed = [], None, 0
+        self.gap = self.overlap = self._trim = 0
+        self.tolerance = round(0.01 * rate)  # below 10 ms: timestamp rounding and resampler delay
+
+    def add(self, frame):
+        if self.start is None:
+            self.start = float(frame.time or 0.0)
+        elif frame.time is not None:
+            # Where this frame's first sample lands if nothing is done: after what is placed,
+            # less the samples still to be dropped for an earlier overlap.
+            lag = round((frame.time - self.start) * self.rate) - (self.placed - self._trim)
+            if lag > self.tolerance:
+                self.chunks.append(np.zeros(lag, np.int16))
+                self.placed += lag
+                self.gap += lag
+            elif lag < -self.tolerance:
+                self._trim += -lag
+        self._append(self.resampler.resample(frame))
+
+    def flush(self):
+        self._append(self.resampler.resample(None))
+
+    def _append(self, frames):
+        for f in frames:
+            samples = f.to_ndarray().reshape(-1)
+            cut = min(self._trim, len(samples))
+            self._trim -= cut
+            self.overlap += cut
+            self.chunks.append(samples[cut:])
+            self.placed += len(samples) - cut
+
+
 def _frame_time(frame, index: int, rate: float) -> float:
     return float(frame.time) if frame.time is not None else index / rate
 
@@ -128,19 +172,25 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
         src_rate = float(vstream.average_rate or opts.fps)
         width, height = output_size(vstream.codec_context.width, vstream.codec_context.height, opts.short_side)
         encoder = SegmentEncoder(opts, width, height)
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=opts.audio_rate)
-        pcm, audio_start = [], None
+        audio = AudioTrack(opts.audio_rate)
         t0 = held = None
         emitted = n_src = 0
         last_t = gap = 0.0
+        lost = {"video": [0, 0.0], "audio": [0, 0.0]}  # packets, seconds
         streams = [vstream] + ([astream] if astream is not None else [])
         try:
             for packet in container.demux(streams):
-                for frame in packet.decode():
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:  # one bad packet: conceal it, count it, go on
+                    kind = "audio" if packet.stream is astream else "video"
+                    lost[kind][0] += 1
+                    if packet.duration and packet.time_base:
+                        lost[kind][1] += float(packet.duration * packet.time_base)
+                    continue
+                for frame in frames:
                     if packet.stream is astream:
-                        if audio_start is None:
-                            audio_start = float(frame.time or 0.0)
-                        pcm += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+                        audio.add(frame)
                         continue
                     t = _frame_time(frame, n_src, src_rate)
                     t0 = t if t0 is None else t0
@@ -155,7 +205,7 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
                     gap = t - last_t if n_src else gap
                     last_t, n_src = t, n_src + 1
             if astream is not None:
-                pcm += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+                audio.flush()
         except av.FFmpegError as e:
             raise PackError("decode", f"undecodable ({e})") from None
         if held is None:
@@ -163,6 +213,11 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
         frame_dur = float(1 / src_rate) if gap <= 0 else gap
         duration = last_t - t0 + frame_dur
         declared = _declared_duration(container, vstream)
+        lost_seconds = max(lost["video"][1], lost["audio"][1])
+        if lost_seconds > min(opts.max_lost_seconds, opts.max_lost_share * (declared or duration)):
+            raise PackError("decode", f"{lost['video'][0]} video and {lost['audio'][0]} audio packets do not "
+                                      f"decode: {lost_seconds:.2f} s lost, more than concealment is allowed "
+                                      f"({opts.max_lost_share:.0%} of the duration, at most {opts.max_lost_seconds} s)")
         if declared and duration < opts.min_decoded_share * declared:
             raise PackError("decode", f"truncated: decoded {duration:.2f} s of the {declared:.2f} s the file declares")
         num_frames = max(emitted + 1, round(duration * opts.fps))
@@ -175,18 +230,18 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
         segments = encoder.finish()
 
     audio_samples = num_frames * opts.audio_rate // opts.fps
-    if astream is not None and pcm:
-        audio = np.concatenate(pcm)
+    if astream is not None and audio.chunks:
+        pcm = np.concatenate(audio.chunks)
         # Put sample 0 at the first video frame: containers often start audio and video apart.
-        shift = round((audio_start - t0) * opts.audio_rate)
-        audio = np.concatenate([np.zeros(shift, np.int16), audio]) if shift > 0 else audio[-shift:]
+        shift = round((audio.start - t0) * opts.audio_rate)
+        pcm = np.concatenate([np.zeros(shift, np.int16), pcm]) if shift > 0 else pcm[-shift:]
     else:
         if astream is not None:
             raise PackError("audio", "the audio stream has no decodable frame")
-        audio = np.zeros(0, np.int16)
-    audio_pad = max(0, audio_samples - len(audio))
-    audio = np.pad(audio, (0, audio_pad))[:audio_samples]
-    flac = encode_flac(audio, opts.audio_rate)
+        pcm = np.zeros(0, np.int16)
+    audio_pad = max(0, audio_samples - len(pcm))
+    pcm = np.pad(pcm, (0, audio_pad))[:audio_samples]
+    flac = encode_flac(pcm, opts.audio_rate)
     validate(segments, encoder.lengths, flac, audio_samples, path)
 
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in segments])]).tolist()
@@ -196,6 +251,10 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
         "width": width, "height": height, "codec": opts.codec,
         "has_audio": int(astream is not None), "audio_rate": opts.audio_rate,
         "audio_samples": audio_samples, "audio_padded_seconds": round(audio_pad / opts.audio_rate, 3),
+        "audio_gap_seconds": round(audio.gap / opts.audio_rate, 3),
+        "audio_overlap_seconds": round(audio.overlap / opts.audio_rate, 3),
+        "concealed_packets": {k: v[0] for k, v in lost.items()},
+        "concealed_seconds": round(lost_seconds, 3),
         "seg_frames": opts.seg_frames, "num_segments": len(segments), "source": path.name,
         "source_fps": round(src_rate, 3), "source_width": vstream.codec_context.width,
         "source_height": vstream.codec_context.height,
