@@ -214,3 +214,26 @@ def test_concealed_packets_are_listed_in_the_manifest(tmp_path, capsys):
     (entry,) = load_manifest(out)["splits"]["train"]["concealed"]
     assert entry["key"] == "damaged" and entry["packets"] == {"video": 0, "audio": 1} and entry["seconds"] > 0
     assert "1 video(s) packed with corrupt packets concealed" in capsys.readouterr().out
+
+
+def test_packing_in_parts_then_merging_equals_one_machine(class_tree, tmp_path, capsys):
+    out = tmp_path / "parts"
+    pack(class_tree, out, "--part", "0/2")
+    with pytest.raises(SystemExit, match="part.s. 1/2 not complete"):
+        shard_main(["merge", str(out)])
+    pack(class_tree, out, "--part", "1/2")
+    assert shard_main(["merge", str(out)]) == 1  # the tree's bad inputs: failures, as in one run
+    assert shard_main(["verify", str(out)]) == 0
+    pack(class_tree, tmp_path / "one")
+
+    def samples(root):
+        return sorted(json.loads(s["json"])["key"] for tar in sorted(root.glob("*.tar"))
+                      for s in wds.WebDataset(str(tar), shardshuffle=False))
+
+    assert samples(out) == samples(tmp_path / "one") and len(samples(out)) == 6
+    failures = lambda root: sorted((root / "failures.jsonl").read_text().splitlines())
+    assert failures(out) == failures(tmp_path / "one") and len(failures(out)) == 4
+    names = [s["name"] for s in load_manifest(out)["splits"]["train"]["shards"]]
+    assert {n.split("-")[1] for n in names} == {"p000", "p001"}
+    with pytest.raises(SystemExit, match="other inputs or options"):  # a part packed with other options
+        pack(class_tree, out, "--part", "1/2", "--fps", "25")

@@ -109,11 +109,13 @@ def read_journal(path: Path) -> list[dict]:
 
 def pack_split(sources: list[Source], split: str, out: Path, classes: list[str], opts: PackOptions,
                seed: int, shard_bytes: int, shard_samples: int | None, workers: int,
-               shared: set[str] = frozenset()) -> dict:
-    """`shared`: the source paths listed in other splits too (transcoded once, through a cache)."""
-    journal_path = out / f"_journal-{split}.jsonl"
+               shared: set[str] = frozenset(), part: tuple[int, int] | None = None) -> dict:
+    """`shared`: the source paths listed in other splits too (transcoded once, through a cache).
+    `part`: (I, N) when this is part I of a job packed on N machines into one --out."""
+    tag = "" if part is None else f"-p{part[0]:03d}"
+    journal_path = out / f"_journal-{split}{tag}.jsonl"
     journal = read_journal(journal_path)
-    for stale in out.glob(f"{split}-*.tmp"):
+    for stale in out.glob(f"{split}-{'p%03d-' % part[0] if part else ''}[0-9]*.tmp"):
         stale.unlink()
     order = np.random.default_rng(seed).permutation(len(sources))
     ordered = [sources[i] for i in order]
@@ -136,7 +138,7 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
             os.fsync(f.fileno())
 
     label_index = {c: i for i, c in enumerate(classes)}
-    cache = out / "_transcoded"
+    cache = out / f"_transcoded{tag}"
     if shared:
         cache.mkdir(exist_ok=True)
     jobs = [(s, label_index.get(s.label, -1), opts, cache if s.path in shared else None) for s in ordered[start:]]
@@ -159,7 +161,7 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
                 bar.set_postfix(failed=failed_before + len(failures))
             else:
                 if writer is None:
-                    writer = ShardWriter(out / shard_name(split, shard_index))
+                    writer = ShardWriter(out / shard_name(split, shard_index, part))
                 writer.add(source.key, result["members"])
                 meta = result["meta"]
                 if sum(meta["concealed_packets"].values()):
@@ -187,18 +189,31 @@ def summarize(journal: list[dict]) -> dict:
             "concealed": [c for r in journal for c in r.get("concealed", [])]}
 
 
+def in_part(source: Source, part: tuple[int, int]) -> bool:
+    """Part I of N takes the keys whose hash is I mod N: deterministic on every machine, and all
+    inputs of one key land in one part (duplicate keys are still found)."""
+    return int(hashlib.sha1(source.key.encode()).hexdigest(), 16) % part[1] == part[0]
+
+
 def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0,
-        shard_bytes: int = 1 << 30, shard_samples: int | None = None, workers: int = 1) -> dict:
+        shard_bytes: int = 1 << 30, shard_samples: int | None = None, workers: int = 1,
+        part: tuple[int, int] | None = None) -> dict:
+    """Pack `sources` into `out`; with part=(I, N), only part I of N (see in_part) and its own
+    journals, then `merge` once every part is done."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    classes = class_list(sources)
+    classes = class_list(sources)  # from every source: label indices agree across parts
     job = {"format_version": FORMAT_VERSION, "options": asdict(opts), "seed": seed, "shard_bytes": shard_bytes,
-           "shard_samples": shard_samples, "classes": classes, "inputs": len(sources)}
-    job_path = out / "_job.json"
+           "shard_samples": shard_samples, "classes": classes, "inputs": len(sources),
+           "parts": part[1] if part else 1}
+    tag = "" if part is None else f"-p{part[0]:03d}"
+    job_path = out / f"_job{tag}.json"
     if job_path.exists() and json.loads(job_path.read_text()) != job:
         raise SystemExit(f"{out}: holds a packing job with other inputs or options ({job_path}); "
                          "rerun with the same arguments to resume, or choose another --out")
     _write_atomic(job_path, json.dumps(job, indent=1).encode())
+    if part is not None:
+        sources = [s for s in sources if in_part(s, part)]
 
     splits = {}
     listed = collections.Counter(s.path for s in sources)
@@ -206,17 +221,52 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
     for split in sorted({s.split for s in sources}):
         members = sorted((s for s in sources if s.split == split), key=lambda s: (s.key, s.path))
         splits[split] = pack_split(members, split, out, classes, opts, seed, shard_bytes, shard_samples, workers,
-                                   shared)
-    shutil.rmtree(out / "_transcoded", ignore_errors=True)  # every split is written: the cache has served
+                                   shared, part)
+    shutil.rmtree(out / f"_transcoded{tag}", ignore_errors=True)  # every split is written: the cache has served
 
     failures = [f for s in splits.values() for f in s.pop("failures")]
     failed_paths = {f["path"] for f in failures}
     source_bytes = sum(os.path.getsize(s.path) for s in sources if s.path not in failed_paths)
+    summary = {"packed": {k: v["samples"] for k, v in splits.items()}, "failures": failures,
+               "concealed": sum(len(v["concealed"]) for v in splits.values()),
+               "shard_bytes": sum(v["bytes"] for v in splits.values()), "source_bytes": source_bytes}
+    if part is not None:  # this part is complete: merge writes the manifest once all are
+        _write_atomic(out / f"_done{tag}.json", json.dumps({"splits": splits, "failures": failures}).encode())
+        return summary
+    write_outputs(out, job, splits, failures)
+    return summary
+
+
+def write_outputs(out: Path, job: dict, splits: dict, failures: list[dict]):
     manifest = {**{k: job[k] for k in ("format_version", "options", "seed", "classes")},
-                "num_classes": len(classes), "splits": splits, "failed": len(failures)}
+                "num_classes": len(job["classes"]), "splits": splits, "failed": len(failures)}
     _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     _write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
-    _write_atomic(out / "classes.txt", "".join(c + "\n" for c in classes).encode())
-    return {"packed": {k: v["samples"] for k, v in splits.items()}, "failures": failures,
-            "concealed": sum(len(v["concealed"]) for v in splits.values()),
-            "shard_bytes": sum(v["bytes"] for v in splits.values()), "source_bytes": source_bytes}
+    _write_atomic(out / "classes.txt", "".join(c + "\n" for c in job["classes"]).encode())
+
+
+def merge(out: str | Path) -> dict:
+    """The manifest of a job packed in parts (`--part I/N`), once every part is complete."""
+    out = Path(out)
+    jobs = {int(p.stem.split("-p")[1]): json.loads(p.read_text()) for p in out.glob("_job-p[0-9]*.json")}
+    if not jobs:
+        raise SystemExit(f"{out}: no parts to merge (pack with --part I/N writes _job-pNNN.json)")
+    first = next(iter(jobs.values()))
+    n = first["parts"]
+    differ = [i for i, j in jobs.items() if j != first]
+    if differ:
+        raise SystemExit(f"{out}: parts {differ} were packed with other inputs or options than part "
+                         f"{next(iter(jobs))}; repack them with the same arguments")
+    missing = [i for i in range(n) if not (out / f"_done-p{i:03d}.json").exists()]
+    if missing:
+        raise SystemExit(f"{out}: part(s) {', '.join(f'{i}/{n}' for i in missing)} not complete (no "
+                         f"_done-pNNN.json): run or resume them, then merge again")
+    done = [json.loads((out / f"_done-p{i:03d}.json").read_text()) for i in range(n)]
+    splits = {}
+    for name in sorted({s for d in done for s in d["splits"]}):
+        parts = [d["splits"][name] for d in done if name in d["splits"]]
+        splits[name] = {"shards": [s for p in parts for s in p["shards"]], "samples": sum(p["samples"] for p in parts),
+                        "bytes": sum(p["bytes"] for p in parts), "concealed": [c for p in parts for c in p["concealed"]]}
+    failures = [f for d in done for f in d["failures"]]
+    write_outputs(out, first, splits, failures)
+    return {"parts": n, "packed": {k: v["samples"] for k, v in splits.items()}, "failures": len(failures)}

@@ -1,4 +1,5 @@
-"""stica-shard: pack a video dataset into WebDataset shards (`pack`) and check them (`verify`)."""
+"""stica-shard: pack a video dataset into WebDataset shards (`pack`, on several machines with
+`--part I/N` then `merge`) and check them (`verify`)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,13 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
+def parse_part(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"not a part: {text!r} (I/N with 0 <= I < N, e.g. 3/16)")
+    return int(m.group(1)), int(m.group(2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stica-shard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each UCF-101/HMDB-51 training list held out as foldN-val (model selection)")
     p.add_argument("--out", required=True, help="output directory for shards, manifest and failures")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel transcoders (default: all cores)")
+    p.add_argument("--part", type=parse_part, default=None, metavar="I/N",
+                   help="pack part I (0-based) of N into the shared --out, e.g. from a SLURM array "
+                        "(--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); then `stica-shard merge OUT`")
     p.add_argument("--seed", type=int, default=0, help="write-time shuffle seed (recorded in the manifest)")
     p.add_argument("--shard-size", type=parse_size, default=1 << 30, help="close a shard past this size (1GiB)")
     p.add_argument("--shard-samples", type=int, default=None, help="or past this many samples")
@@ -57,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-no-audio", action="store_true",
                    help="pack videos without audio as silence with has_audio=0 (default: report and skip; "
                         "always on with --ucf101-splits/--hmdb51-splits, whose evaluation is video-only)")
+    m = sub.add_parser("merge", help="write the manifest of a job packed in parts, once every part is complete")
+    m.add_argument("dir")
     v = sub.add_parser("verify", help="re-read every shard: checksums, DALI reads, decodes, counts")
     v.add_argument("dir")
     v.add_argument("--device", choices=["cpu", "mixed"], default="cpu",
@@ -86,7 +99,7 @@ def pack(args) -> int:
                        max_lost_seconds=args.max_lost_seconds)
     start = time.perf_counter()
     result = job.run(sources, args.out, opts, seed=args.seed, shard_bytes=args.shard_size,
-                     shard_samples=args.shard_samples, workers=max(1, args.workers))
+                     shard_samples=args.shard_samples, workers=max(1, args.workers), part=args.part)
     packed = ", ".join(f"{split}: {n}" for split, n in result["packed"].items())
     stages = collections.Counter(f["stage"] for f in result["failures"])
     if result["concealed"]:
@@ -102,6 +115,17 @@ def pack(args) -> int:
               f"({packed_total / seconds / args.workers:.2f} per worker; a resumed run counts earlier shards too); "
               f"{result['shard_bytes'] / packed_total / 1e3:.0f} kB per video; "
               f"shards / sources = {result['shard_bytes'] / max(1, result['source_bytes']):.3f}")
+    if args.part:
+        print(f"part {args.part[0]}/{args.part[1]} complete; once every part is, run: stica-shard merge {args.out}")
+    return 1 if result["failures"] else 0
+
+
+def merge(args) -> int:
+    from stica.tools import pack as job
+
+    result = job.merge(args.dir)
+    print(f"merged {result['parts']} parts: {', '.join(f'{k}: {n}' for k, n in result['packed'].items())} videos; "
+          f"failed {result['failures']}; wrote {args.dir}/manifest.json")
     return 1 if result["failures"] else 0
 
 
@@ -117,7 +141,7 @@ def verify(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return {"pack": pack, "verify": verify}[args.command](args)
+    return {"pack": pack, "merge": merge, "verify": verify}[args.command](args)
 
 
 if __name__ == "__main__":
