@@ -35,6 +35,18 @@ def test_vfr_becomes_cfr_with_the_right_frames(tmp_path):
     assert np.abs(got - expected).max() < 4  # lossy VP9 on flat frames
 
 
+def test_the_last_frame_lasts_until_the_stream_says_it_ends(tmp_path):
+    """Frames at 0..49 of 30 fps, then one at 2.0 s (ten dropped before it): the gap before the
+    last frame would make it last 0.37 s (71 frames); the AVI stream declares its end at 2.033 s."""
+    times = [i / 30 for i in range(50)] + [2.0]
+    path = write_av(tmp_path / "drop.avi", lambda t: gray_frame(10 + 3 * round(t * 30), SIZE), times, size=SIZE,
+                    audio_fn=lambda t: 0 * t)
+    result = transcode(path, "drop", "x", 0, OPTS)
+    assert result["meta"]["num_frames"] == 61
+    got = [f.mean() for f in frames_of(result)]
+    assert abs(got[-1] - (10 + 3 * 60)) < 4 and abs(got[-2] - (10 + 3 * 49)) < 4  # the last frame, and the one held
+
+
 @pytest.mark.parametrize("suffix, tolerance_ms", [(".mkv", 2), (".mp4", 25)])
 def test_audio_is_aligned_to_video_frame_zero(tmp_path, suffix, tolerance_ms):
     # White flashes in the picture and tone bursts in the sound at the same moments; the audio

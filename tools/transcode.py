@@ -154,6 +154,14 @@ class AudioTrack:
             self.placed += len(samples) - cut
 
 
+def _stream_end(stream, t0: float) -> float | None:
+    """When the video stream declares it ends, in seconds after its first frame (t0)."""
+    if not stream.duration or stream.time_base is None:
+        return None
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    return float(stream.duration * stream.time_base) + start - t0
+
+
 def _frame_time(frame, index: int, rate: float) -> float:
     return float(frame.time) if frame.time is not None else index / rate
 
@@ -211,7 +219,10 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
         if held is None:
             raise PackError("decode", "the video stream has no decodable frame")
         frame_dur = float(1 / src_rate) if gap <= 0 else gap
-        duration = last_t - t0 + frame_dur
+        duration = last_t - t0 + frame_dur  # the last frame lasts as long as the gap before it...
+        end = _stream_end(vstream, t0)
+        if end is not None and last_t - t0 < end < duration:
+            duration = end  # ...unless the stream says when it ends (VFR: that gap can be long)
         declared = _declared_duration(container, vstream)
         lost_seconds = max(lost["video"][1], lost["audio"][1])
         if lost_seconds > min(opts.max_lost_seconds, opts.max_lost_share * (declared or duration)):
