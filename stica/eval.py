@@ -4,9 +4,11 @@
     python -m stica.eval linear       --config ...        # linear probe on frozen features
     torchrun --nproc_per_node=8 -m stica.eval finetune --config ...
     python -m stica.eval av-retrieval --config configs/demo.yaml eval.checkpoint=... data.split=val
+    python -m stica.eval audio-linear --config ... eval.audio.dataset=esc50 eval.audio.root=/data/ESC-50
 
 Shards come from `stica-shard pack --ucf101-splits/--hmdb51-splits`, with splits
-foldN-train, foldN-val (held out of the training list, for model selection) and foldN-test.
+foldN-train, foldN-val (held out of the training list, for model selection) and foldN-test;
+the audio sets (ESC-50, DCASE2014) are read from their own files (stica/pipelines/audio.py).
 Results go to eval.out as JSON and Markdown.
 """
 from __future__ import annotations
@@ -152,39 +154,101 @@ def topk_accuracy(logits, labels, ks=(1, 5)) -> dict:
     return {f"top{k}": (top[:, :k] == labels[:, None]).any(dim=1).float().mean().item() for k in ks}
 
 
+def fit_linear(tr, ytr, va, yva, num_classes: int, cfg, weight_decays) -> tuple:
+    """Multinomial logistic regression (L-BFGS) on standardised features for each weight decay;
+    the one scoring best on (va, yva) wins (the first, where there is no validation set).
+    Returns (val_top1 or None, weight_decay, classifier, standardise)."""
+    mean, std = tr.mean(0), tr.std(0) + 1e-6
+    standardise = lambda x: (x - mean) / std
+    tr, va = standardise(tr), standardise(va)
+    best = None
+    for wd in weight_decays:
+        clf = nn.Linear(tr.shape[1], num_classes)
+        opt = torch.optim.LBFGS(clf.parameters(), max_iter=cfg.eval.linear.iterations, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(clf(tr), ytr) + wd * clf.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            val = topk_accuracy(clf(va), yva)["top1"] if len(yva) else None
+        if best is None or (val is not None and val > best[0]):
+            best = (val, wd, clf, standardise)
+    return best
+
+
 def linear_probe(cfg, model, dist) -> dict:
     """Multinomial logistic regression on frozen, standardised video features; the weight
     decay is chosen on foldN-val (under eval.protocol=paper, no hold-out: the first listed weight
     decay, trained on the whole training list), the test split is scored once."""
     results = {}
-    num_classes = cfg.eval.num_classes
     paper = cfg.eval.protocol == "paper"
     for fold in cfg.eval.folds:
         (tr, ytr, _), (te, yte, _) = (video_features(model, cfg, split_name(cfg, s, fold), dist)
                                       for s in ("train", "test"))
         va, yva = (te[:0], yte[:0]) if paper else video_features(model, cfg, split_name(cfg, "val", fold), dist)[:2]
-        mean, std = tr.mean(0), tr.std(0) + 1e-6
-        tr, va, te = ((x - mean) / std for x in (tr, va, te))
-        best = None
-        for wd in cfg.eval.linear.weight_decays[:1] if paper else cfg.eval.linear.weight_decays:
-            clf = nn.Linear(tr.shape[1], num_classes)
-            opt = torch.optim.LBFGS(clf.parameters(), max_iter=cfg.eval.linear.iterations, line_search_fn="strong_wolfe")
-
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(clf(tr), ytr) + wd * clf.weight.pow(2).sum()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            with torch.no_grad():
-                val = topk_accuracy(clf(va), yva)["top1"] if len(yva) else None
-            if best is None or val > best[0]:
-                best = (val, wd, clf)
+        decays = cfg.eval.linear.weight_decays[:1] if paper else cfg.eval.linear.weight_decays
+        val, wd, clf, standardise = fit_linear(tr, ytr, va, yva, cfg.eval.num_classes, cfg, decays)
         with torch.no_grad():
-            test = topk_accuracy(best[2](te), yte)
-        results[f"fold{fold}"] = {"val_top1": best[0], "weight_decay": best[1], **test}
+            test = topk_accuracy(clf(standardise(te)), yte)
+        results[f"fold{fold}"] = {"val_top1": val, "weight_decay": wd, **test}
     results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("top1", "top5")}
+    return results
+
+
+@torch.no_grad()
+def audio_features(model: Stica, cfg, clips: list, dist) -> torch.Tensor:
+    """Per clip: the audio trunk's feature of each consecutive window of the training length
+    (data.num_frames at 30 fps: 1 s by default), averaged over the clip."""
+    from stica.pipelines.audio import clip_spectrograms
+
+    model.eval().to(dist.device)
+    rows, t0 = {}, time.perf_counter()
+    mine = list(enumerate(clips))[dist.rank::dist.world]
+    for n, (i, (path, _, _)) in enumerate(mine, 1):
+        specs = clip_spectrograms(path, cfg.data.audio, cfg.data.num_frames / 30)
+        rows[str(i)] = in_chunks(model.audio, specs, cfg, dist.device).mean(dim=0).cpu()
+        if n % 50 == 0 or n == len(mine):
+            print(f"[stica.eval] audio features: {n}/{len(mine)} clips ({n / (time.perf_counter() - t0):.1f}/s)",
+                  flush=True)
+    rows = gather_by_key(rows, dist)
+    return torch.stack([rows[str(i)] for i in range(len(clips))])
+
+
+def audio_linear_probe(cfg, model, dist) -> dict:
+    """Table 6: a linear probe on the audio trunk's features of ESC-50 or DCASE2014
+    (eval.audio.dataset, read from eval.audio.root), one result per fold (each fold tested once,
+    trained on the others). The weight decay is chosen on the next fold, held out of training,
+    then the probe is refit on every training fold (eval.protocol=paper: the first weight decay)."""
+    from stica.pipelines.audio import AUDIO_SETS
+
+    if cfg.eval.audio.root is None:
+        raise SystemExit("eval.audio.root is not set: the ESC-50 or DCASE2014 directory (eval.audio.dataset)")
+    clips = AUDIO_SETS[cfg.eval.audio.dataset](cfg.eval.audio.root)
+    classes = sorted({c for _, c, _ in clips})
+    labels = torch.tensor([classes.index(c) for _, c, _ in clips])
+    folds = torch.tensor([f for _, _, f in clips])
+    feats = audio_features(model, cfg, clips, dist)
+    results = {}
+    fold_ids = sorted(set(folds.tolist()))
+    for fold in fold_ids:
+        val_fold = fold_ids[(fold_ids.index(fold) + 1) % len(fold_ids)]
+        train, test = folds != fold, folds == fold
+        if cfg.eval.protocol == "paper":
+            val, wd = None, cfg.eval.linear.weight_decays[0]
+        else:
+            inner = train & (folds != val_fold)
+            val, wd, _, _ = fit_linear(feats[inner], labels[inner], feats[folds == val_fold],
+                                       labels[folds == val_fold], len(classes), cfg, cfg.eval.linear.weight_decays)
+        _, _, clf, standardise = fit_linear(feats[train], labels[train], feats[:0], labels[:0], len(classes), cfg, [wd])
+        with torch.no_grad():
+            test_scores = topk_accuracy(clf(standardise(feats[test])), labels[test])
+        results[f"fold{fold}"] = {"val_top1": val, "weight_decay": wd, **test_scores}
+    results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("top1", "top5")}
+    results["clips"], results["classes"] = len(clips), len(classes)
     return results
 
 
@@ -285,7 +349,8 @@ def finetune(cfg, model, dist) -> dict:
     return results
 
 
-TASKS = {"retrieval": retrieval, "av-retrieval": av_retrieval, "linear": linear_probe, "finetune": finetune}
+TASKS = {"retrieval": retrieval, "av-retrieval": av_retrieval, "linear": linear_probe, "finetune": finetune,
+         "audio-linear": audio_linear_probe}
 
 
 def markdown(task: str, checkpoint, results: dict) -> str:

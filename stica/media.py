@@ -24,3 +24,15 @@ def decode_flac(flac: bytes) -> np.ndarray:
     """The packed mono audio track as int16 samples."""
     with av.open(io.BytesIO(flac)) as c:
         return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+
+
+def decode_audio_file(path, rate: int) -> np.ndarray:
+    """Any audio (or video) file's first audio stream as mono float32 at `rate`, on the int16
+    scale the packed FLAC tracks have (so spectrograms match the training ones)."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    with av.open(str(path)) as c:
+        if not c.streams.audio:
+            raise ValueError(f"{path}: no audio stream")
+        chunks = [f.to_ndarray().reshape(-1) for frame in c.decode(audio=0) for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(chunks).astype(np.float32)
