@@ -1,3 +1,7 @@
+import signal
+import subprocess
+import time
+
 import numpy as np
 import pytest
 
@@ -61,3 +65,16 @@ def pack_timecoded(root, short_side: int, codec: str = "vp9", size=(96, 72), sec
     shard_main(["pack", "--root", str(root / "videos"), "--out", str(root / "shards"), "--short-side", str(short_side),
                 "--codec", codec, "--shard-samples", "3", "--workers", "2"])
     return root / "shards"
+
+
+def kill_after_log_lines(cmd, run_dir, lines: int, env=None, timeout: float = 300):
+    """Start a training command and SIGKILL it once its log.jsonl holds `lines` lines (a crash at
+    an arbitrary point, not a clean stop)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = run_dir / "log.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

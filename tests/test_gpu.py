@@ -6,10 +6,8 @@ DALI's GPU backend) is absent; `stica-bench --gpu-check` runs them on a GPU mach
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import torch
 
 from stica.config import load_config
 
-from conftest import level, pack_demo_corpus, pack_timecoded
+from conftest import kill_after_log_lines, level, pack_demo_corpus, pack_timecoded
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible (torch.cuda.is_available())")]
@@ -217,14 +215,7 @@ def test_killed_gpu_run_resumes_at_the_saved_step(tmp_path):
     whole = subprocess.run(cmd(tmp_path / "whole"), env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
     run = tmp_path / "run"
-    proc = subprocess.Popen(cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_log_lines(cmd(run), run, 5, env=env)
     losses = lambda r: {x["step"]: x for x in map(json.loads, (r / "log.jsonl").read_text().splitlines())}
     before, reference = losses(run), losses(tmp_path / "whole")
     saved = torch.load(run / "checkpoint.pt", weights_only=False)["step"]

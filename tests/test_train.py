@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from stica.config import load_config
 
-from conftest import pack_demo_corpus
+from conftest import kill_after_log_lines, pack_demo_corpus
 
 TINY = ["model.width=0.125", "data.crop_size=32", "data.batch_size=4", "data.workers=0",
         "crops.space_medium=[1,2]", "crops.space_small=[2,1]", "crops.time_medium=[1,2]", "crops.time_small=[1,1]",
@@ -58,16 +57,8 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_losses(shards, tmp_pa
 
     killed = tmp_path / "killed"
     # train.deterministic (what a GPU needs for this, see test_gpu.py) runs here too and changes nothing on the CPU
-    proc = subprocess.Popen(train_cmd(shards, killed, "train.max_steps=6", "train.ckpt_every=2",
-                                      "train.deterministic=true"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "log.jsonl").exists() and len(losses(killed)) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_log_lines(train_cmd(shards, killed, "train.max_steps=6", "train.ckpt_every=2",
+                                   "train.deterministic=true"), killed, 3, env=ENV)
     saved = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
     assert 2 <= saved < 6
     out = subprocess.run(train_cmd(shards, killed, "train.max_steps=6"), env=ENV, capture_output=True, text=True,

@@ -17,6 +17,7 @@ import datetime
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,8 +101,13 @@ def make_shards(root: Path, videos: int, seconds: float, codec: str = "vp9") -> 
         if not path.exists():
             write_scene(path, seed=i, seconds=seconds)
     shards = root / f"shards-{codec}"
-    shard_main(["pack", "--root", str(root / "videos"), "--out", str(shards), "--codec", codec,
-                "--workers", str(os.cpu_count() or 1)])
+    args = ["pack", "--root", str(root / "videos"), "--out", str(shards), "--codec", codec,
+            "--workers", str(os.cpu_count() or 1)]
+    try:
+        shard_main(args)  # resumes (or finds done) what an earlier --parts call packed
+    except SystemExit:  # packed by another version of the packer, with other options: start again
+        shutil.rmtree(shards)
+        shard_main(args)
     return shards
 
 
