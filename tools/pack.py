@@ -107,6 +107,17 @@ def read_journal(path: Path) -> list[dict]:
     return [json.loads(line) for line in complete.splitlines()]
 
 
+def _start_method() -> str:
+    """fork where this process runs one thread; otherwise a fork server. Forking a process that
+    already runs threads (torch's, DALI's, OpenBLAS's, a test runner's) can leave a worker
+    holding a lock no thread will release: a CI run hung so. A fork server's workers import the
+    caller's main module instead, which needs the usual `if __name__ == "__main__":` guard in a
+    script that packs."""
+    with open("/proc/self/status") as f:
+        threads = int(next(line.split()[1] for line in f if line.startswith("Threads:")))
+    return "fork" if threads == 1 else "forkserver"
+
+
 def pack_split(sources: list[Source], split: str, out: Path, classes: list[str], opts: PackOptions,
                seed: int, shard_bytes: int, shard_samples: int | None, workers: int,
                shared: set[str] = frozenset(), part: tuple[int, int] | None = None) -> dict:
@@ -148,9 +159,7 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
     first_use = {}
     for s in sources:  # sorted by (key, path): of two inputs with one key, the first path wins
         first_use.setdefault(s.key, s.path)
-    # forkserver, not fork: forking a process that already runs threads (torch's, DALI's, a test
-    # runner's) can leave a worker holding a lock no thread will release, and the job hangs.
-    pool = multiprocessing.get_context("forkserver").Pool(workers) if workers > 1 else None
+    pool = multiprocessing.get_context(_start_method()).Pool(workers) if workers > 1 else None
     results = pool.imap(_work, jobs) if pool else map(_work, jobs)
     try:
         for position, (source, result, failure) in enumerate(results, start=start + 1):
