@@ -53,9 +53,14 @@ def split_segments(segs: bytes, info: bytes | np.ndarray) -> list[bytes]:
     return [segs[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+def part_tag(part: tuple[int, int] | None) -> str:
+    """'' for a job packed on one machine; '-p003' for part 3 of a job packed on several."""
+    return "" if part is None else f"-p{part[0]:03d}"
+
+
 def shard_name(split: str, index: int, part: tuple[int, int] | None = None) -> str:
     """`train-000012.tar`; a part I of N of a job packed on several machines: `train-p003-000012.tar`."""
-    return f"{split}-{index:06d}.tar" if part is None else f"{split}-p{part[0]:03d}-{index:06d}.tar"
+    return f"{split}{part_tag(part)}-{index:06d}.tar"
 
 
 def load_manifest(root: str | Path) -> dict:

@@ -23,7 +23,7 @@ from stica.tools import gpu_check
 from stica.tools.bench_loader import clip_cost, epoch_boundary, profile, run_loader, run_soak
 from stica.tools.bench_model import run_model
 from stica.tools.bench_train import run_end_to_end
-from stica.tools.measure import KINETICS_TRAIN, device_name, write_csv
+from stica.tools.measure import KINETICS_TRAIN, device_name, loader_table, write_csv
 
 PRESETS = {
     # quick: an eighth of the channels, so the 8 strategies x 2 poolings run in minutes on 2 cores;
@@ -51,12 +51,7 @@ def markdown(results: dict) -> str:
                        f"{f(r['paper_relative'], '.2f')} | {f(r['peak_mem_gib'], '.2f')} | {r.get('max_batch', '-')} |")
         out.append("")
     if results.get("loader"):
-        out += ["## Loader only (two views + spectrogram per clip)", "",
-                "| backend | decode | threads/workers | clips/s (min-max) | per core |", "|---|---|---|---|---|"]
-        for r in results["loader"]:
-            out.append(f"| {r['backend']} | {r['decode']} | {r['threads_or_workers']} | {r['clips_per_s']:.1f} "
-                       f"({r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}) | {r['clips_per_s_per_core']:.1f} |")
-        out.append("")
+        out += ["## Loader only (two views + spectrogram per clip)", "", *loader_table(results["loader"]), ""]
     if results.get("clip_cost"):
         rows = results["clip_cost"]
         out += ["## Decode cost by clip start (DALI CPU decoder, 1 thread, 30 frames)", "",

@@ -30,7 +30,7 @@ import torch
 
 from stica.tools.bench_model import run_model
 from stica.tools.bench_train import run_end_to_end
-from stica.tools.measure import KINETICS_TRAIN, device_name, write_csv
+from stica.tools.measure import KINETICS_TRAIN, device_name, loader_table, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"clips_per_s": 150.0, "data_wait_pct": 5.0, "feature_vs_two_rgb": 1.05}
@@ -234,11 +234,7 @@ def markdown(results: dict) -> str:
         out.append("")
     if isinstance(results.get("loader"), list):
         out += ["## Loader only (two 112^2 views + spectrogram, 30 frames, batch 8)", "",
-                "| backend | decode | threads/workers | clips/s (min-max) | per core |", "|---|---|---|---|---|"]
-        out += [f"| {r['backend']} | {r['decode']} | {r['threads_or_workers']} | {r['clips_per_s']:.1f} "
-                f"({r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}) | {r['clips_per_s_per_core']:.1f} |"
-                for r in results["loader"]]
-        out.append("")
+                *loader_table(results["loader"]), ""]
     if isinstance(results.get("clip_cost"), list):
         out += ["## Decode cost of a 30-frame clip by start frame (batch 8)", "",
                 "| decoder | start | ms per clip (min-max) |", "|---|---|---|"]

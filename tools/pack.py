@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stica.shards import FORMAT_VERSION, MEMBERS, shard_name
+from stica.shards import FORMAT_VERSION, MEMBERS, part_tag, shard_name
 from stica.tools.sources import MAX_KEY, Source, class_list
 from stica.tools.transcode import PackError, PackOptions, transcode
 
@@ -123,10 +123,10 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
                shared: set[str] = frozenset(), part: tuple[int, int] | None = None) -> dict:
     """`shared`: the source paths listed in other splits too (transcoded once, through a cache).
     `part`: (I, N) when this is part I of a job packed on N machines into one --out."""
-    tag = "" if part is None else f"-p{part[0]:03d}"
+    tag = part_tag(part)
     journal_path = out / f"_journal-{split}{tag}.jsonl"
     journal = read_journal(journal_path)
-    for stale in out.glob(f"{split}-{'p%03d-' % part[0] if part else ''}[0-9]*.tmp"):
+    for stale in out.glob(f"{split}{tag}-[0-9]*.tmp"):  # this part's only: others may be packing beside it
         stale.unlink()
     order = np.random.default_rng(seed).permutation(len(sources))
     ordered = [sources[i] for i in order]
@@ -215,7 +215,7 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
     job = {"format_version": FORMAT_VERSION, "options": asdict(opts), "seed": seed, "shard_bytes": shard_bytes,
            "shard_samples": shard_samples, "classes": classes, "inputs": len(sources),
            "parts": part[1] if part else 1}
-    tag = "" if part is None else f"-p{part[0]:03d}"
+    tag = part_tag(part)
     job_path = out / f"_job{tag}.json"
     if job_path.exists() and json.loads(job_path.read_text()) != job:
         raise SystemExit(f"{out}: holds a packing job with other inputs or options ({job_path}); "
@@ -266,11 +266,12 @@ def merge(out: str | Path) -> dict:
     if differ:
         raise SystemExit(f"{out}: parts {differ} were packed with other inputs or options than part "
                          f"{next(iter(jobs))}; repack them with the same arguments")
-    missing = [i for i in range(n) if not (out / f"_done-p{i:03d}.json").exists()]
+    done_paths = [out / f"_done{part_tag((i, n))}.json" for i in range(n)]
+    missing = [i for i, path in enumerate(done_paths) if not path.exists()]
     if missing:
         raise SystemExit(f"{out}: part(s) {', '.join(f'{i}/{n}' for i in missing)} not complete (no "
                          f"_done-pNNN.json): run or resume them, then merge again")
-    done = [json.loads((out / f"_done-p{i:03d}.json").read_text()) for i in range(n)]
+    done = [json.loads(path.read_text()) for path in done_paths]
     splits = {}
     for name in sorted({s for d in done for s in d["splits"]}):
         parts = [d["splits"][name] for d in done if name in d["splits"]]
