@@ -231,7 +231,9 @@ def test_killed_gpu_run_resumes_at_the_saved_step(tmp_path):
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-3), table
 
 
-def test_export_loads_into_torchvisions_r2plus1d_18_with_the_same_outputs(tmp_path):
+def test_export_loads_into_torchvisions_r2plus1d_18_with_the_same_outputs(tmp_path, monkeypatch):
+    # TF32 convolutions would round the two models differently: the test is about the mapping.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed here")
     from test_export import write_checkpoint
 
