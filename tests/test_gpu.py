@@ -86,9 +86,15 @@ def test_gpu_decoded_clips_equal_cpu_decoded_ones_vp9(vp9_128, mode):
 def test_nvdec_decodes_h264_shards_like_pyav(h264_128):
     gpu, ref = eval_videos(h264_128, "mixed"), eval_videos(h264_128, "cpu", backend="reference")
     assert sorted(gpu) == sorted(ref)
-    for key in ref:  # NVDEC's and swscale's YUV->RGB round differently: 2.5 levels at most on an H100
-        diff = (gpu[key] - ref[key]).abs()
-        assert diff.max() <= 3.0 and diff.mean() <= 0.75, (key, diff.max(), diff.mean())
+    # NVDEC's YUV->RGB and swscale's round differently: on an H100 NVDEC reads a uniform ~1 level
+    # off (mean 0.99, max 2.08 on flat frames). That offset is a colour convention, not decoding;
+    # a wrong or blended frame moves every pixel by >= 8 levels here.
+    for key in ref:
+        diff = gpu[key] - ref[key]
+        offset = diff.mean()
+        assert offset.abs() <= 1.5 and (diff - offset).abs().max() <= 2.0, (key, offset, diff.abs().max())
+    clip = gpu["a0"][3]  # clip 1 of 3, left crop: starts at frame 45
+    np.testing.assert_allclose(clip.mean(dim=(0, 2, 3)).numpy(), [level(45 + t) for t in range(30)], atol=3)
 
 
 @needs_dali_gpu
