@@ -107,12 +107,16 @@ def video_features(model: Stica, cfg, split: str, dist) -> tuple[torch.Tensor, t
     return torch.stack([rows[k][0] for k in keys]), torch.tensor([rows[k][1] for k in keys]), keys
 
 
-def recall_at_k(queries, query_labels, gallery, gallery_labels, ks=(1, 5, 20)) -> dict:
-    """A query scores a hit at k when any of its k nearest gallery items (cosine) shares its class."""
+def hits_at_k(queries, query_labels, gallery, gallery_labels, k: int) -> torch.Tensor:
+    """Per query: whether any of its k nearest gallery items (cosine) shares its class."""
     sim = F.normalize(queries, dim=1) @ F.normalize(gallery, dim=1).T
-    order = sim.argsort(dim=1, descending=True)
-    same = gallery_labels[order] == query_labels[:, None]
-    return {f"R@{k}": same[:, :k].any(dim=1).float().mean().item() for k in ks if k <= gallery.shape[0]}
+    order = sim.topk(k, dim=1).indices
+    return (gallery_labels[order] == query_labels[:, None]).any(dim=1)
+
+
+def recall_at_k(queries, query_labels, gallery, gallery_labels, ks=(1, 5, 20)) -> dict:
+    return {f"R@{k}": hits_at_k(queries, query_labels, gallery, gallery_labels, k).float().mean().item()
+            for k in ks if k <= gallery.shape[0]}
 
 
 def retrieval(cfg, model, dist) -> dict:
@@ -129,9 +133,9 @@ def retrieval(cfg, model, dist) -> dict:
 
 
 @torch.no_grad()
-def av_retrieval(cfg, model, dist) -> dict:
-    """Instance-level audio-to-video and video-to-audio retrieval on held-out pretraining clips
-    (data.split): the centre clip of each video, embeddings from the pretraining heads."""
+def av_embeddings(cfg, model, dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """Video and audio embeddings (the pretraining heads) of the centre clip of each held-out
+    pretraining video (data.split), in key order."""
     model.eval().to(dist.device)
     data = split_cfg(cfg.data, cfg.data.split, eval_clips=1, eval_crops=1)
     rows = {}
@@ -142,11 +146,17 @@ def av_retrieval(cfg, model, dist) -> dict:
         rows.update({k: (vi.cpu(), ai.cpu()) for k, vi, ai in zip(batch["key"], v, a)})
     rows = gather_by_key(rows, dist)
     keys = sorted(rows)
-    v, a = torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
-    ids = torch.arange(len(keys))  # each clip is its own class: only its own video (or sound) is a hit
+    return torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
+
+
+def av_retrieval(cfg, model, dist) -> dict:
+    """Instance-level audio-to-video and video-to-audio retrieval: only a clip's own video (or
+    sound) is a hit."""
+    v, a = av_embeddings(cfg, model, dist)
+    ids = torch.arange(len(v))
     return {"audio_to_video": recall_at_k(a, ids, v, ids, cfg.eval.recall_at),
-            "video_to_audio": recall_at_k(v, ids, a, ids, cfg.eval.recall_at), "clips": len(keys),
-            "chance_R@1": 1 / len(keys)}
+            "video_to_audio": recall_at_k(v, ids, a, ids, cfg.eval.recall_at), "clips": len(v),
+            "chance_R@1": 1 / len(v)}
 
 
 def topk_accuracy(logits, labels, ks=(1, 5)) -> dict:

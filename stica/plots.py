@@ -10,10 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "STiCA pretraining"):
+def draw_loss(ax, log_path: str | Path, title: str = "STiCA pretraining"):
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
     steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "total"), ("l_va", "L_va (cross-modal)"), ("l_vv", "L_vv (feature crops)")):
         if key in records[0]:
             ax.plot(steps, [r[key] for r in records], label=label)
@@ -22,6 +21,11 @@ def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "STiCA pr
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
+
+
+def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "STiCA pretraining"):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw_loss(ax, log_path, title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

@@ -33,7 +33,7 @@ def ucf(tmp_path_factory):
         (root / "UCF-101" / cls).mkdir(parents=True)
         for g in range(6):
             name = f"{cls}/v_{cls}_g{g + 1:02d}_c01.avi"
-            make_video(root / "UCF-101" / name.replace(".avi", ".mp4"), shape, rng.uniform(), rng.uniform(0.5, 2), 0.0)
+            make_video(root / "UCF-101" / name.replace(".avi", ".mp4"), shape, rng)
             (root / "UCF-101" / name.replace(".avi", ".mp4")).rename(root / "UCF-101" / name)
             (train if g < 4 else test).append(name)
     test.append("Disc/v_Disc_g99_c01.avi")
@@ -185,8 +185,7 @@ def test_split_files_keep_silent_videos_and_transcode_a_video_once_for_all_its_f
         (root / cls).mkdir(parents=True)
         for g in range(3):
             name = f"{cls}/v_{cls}_g{g + 1:02d}_c01.avi"
-            make_video(root / name.replace(".avi", ".mp4"), shape, rng.uniform(), rng.uniform(0.5, 2), 0.0,
-                       audio=g % 2 == 0)
+            make_video(root / name.replace(".avi", ".mp4"), shape, rng, audio=g % 2 == 0)
             (root / name.replace(".avi", ".mp4")).rename(root / name)
             names.append(name)
     (tmp_path / "splits").mkdir()

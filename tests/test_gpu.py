@@ -215,8 +215,8 @@ def test_killed_gpu_run_resumes_at_the_saved_step(tmp_path):
         # Deterministic kernels: without them two uninterrupted runs already part by 1% at step 1 and
         # 20% by step 5 on an H100 (benchmarks/gpu-2026-11-26/rerun-71839fc/diag_resume.log).
         return [sys.executable, "-m", "stica.train", "--config", "configs/demo.yaml", f"data.shards={shards}",
-                f"run.dir={run}", "data.batch_size=4", "train.log_every=1", "train.ckpt_every=2",
-                "train.max_steps=8", "train.amp=bf16", "train.deterministic=true"]
+                f"run.dir={run}", "data.loader=reference", "data.batch_size=4", "train.log_every=1",
+                "train.ckpt_every=2", "train.max_steps=8", "train.amp=bf16", "train.deterministic=true"]
 
     whole = subprocess.run(cmd(tmp_path / "whole"), env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]

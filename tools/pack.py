@@ -107,7 +107,7 @@ def read_journal(path: Path) -> list[dict]:
     return [json.loads(line) for line in complete.splitlines()]
 
 
-def _start_method() -> str:
+def pool_start_method() -> str:
     """fork where this process runs one thread; otherwise a fork server. Forking a process that
     already runs threads (torch's, DALI's, OpenBLAS's, a test runner's) can leave a worker
     holding a lock no thread will release: a CI run hung so. A fork server's workers import the
@@ -159,7 +159,7 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
     first_use = {}
     for s in sources:  # sorted by (key, path): of two inputs with one key, the first path wins
         first_use.setdefault(s.key, s.path)
-    pool = multiprocessing.get_context(_start_method()).Pool(workers) if workers > 1 else None
+    pool = multiprocessing.get_context(pool_start_method()).Pool(workers) if workers > 1 else None
     results = pool.imap(_work, jobs) if pool else map(_work, jobs)
     try:
         for position, (source, result, failure) in enumerate(results, start=start + 1):
