@@ -98,10 +98,9 @@ def make_corpus(root: Path, train: int, val: int, test: int = 0, seed: int = 0, 
     """Videos under root/<class>/ named as Kinetics clips, plus the annotation CSV. Video i depends
     on (seed, i) alone, so a rerun regenerates only what is missing."""
     root = Path(root)
-    classes = list(SHAPES)
     rows, jobs = ["label,youtube_id,time_start,time_end,split"], []
     for i in range(train + val + test):
-        cls, yid = classes[i % len(classes)], f"synth{i:05d}"
+        cls, yid = SHAPES[i % len(SHAPES)], f"synth{i:05d}"
         (root / cls).mkdir(parents=True, exist_ok=True)
         jobs.append((root / cls / f"{yid}_000000_000003.mp4", cls, seed, i))
         split = "train" if i < train else "val" if i < train + val else "test"
@@ -119,28 +118,29 @@ def make_corpus(root: Path, train: int, val: int, test: int = 0, seed: int = 0, 
 
 # Scoring ------------------------------------------------------------------------------------
 
+RECALLS = (("audio->video", 1), ("audio->video", 5), ("video->audio", 1), ("video->audio", 5))
+
+
 def per_video_scores(cfg, model, dist) -> tuple[dict[str, np.ndarray], dict]:
     """Per test video, 1.0 where the model gets it right, for each metric; and the chance level of each."""
-    feats = {s: video_features(model, cfg, split_name(cfg, s, 1), dist)[:2] for s in ("train", "val", "test")}
-    (tr, ytr), (va, yva), (te, yte) = feats["train"], feats["val"], feats["test"]
+    (tr, ytr), (va, yva), (te, yte) = (video_features(model, cfg, split_name(cfg, s, 1), dist)[:2]
+                                       for s in ("train", "val", "test"))
     _, _, clf, standardise = fit_linear(tr, ytr, va, yva, cfg.eval.num_classes, cfg, cfg.eval.linear.weight_decays)
     with torch.no_grad():
         probe = clf(standardise(te)).argmax(dim=1) == yte
     v, a = av_embeddings(cfg, model, dist)
     ids = torch.arange(len(v))
-    scores = {"audio->video R@1": hits_at_k(a, ids, v, ids, 1), "audio->video R@5": hits_at_k(a, ids, v, ids, 5),
-              "video->audio R@1": hits_at_k(v, ids, a, ids, 1), "video->audio R@5": hits_at_k(v, ids, a, ids, 5),
-              "class retrieval R@1": hits_at_k(te, yte, tr, ytr, 1), "linear probe top-1": probe}
+    queries = {"audio->video": (a, v), "video->audio": (v, a)}
+    scores = {f"{d} R@{k}": hits_at_k(queries[d][0], ids, queries[d][1], ids, k) for d, k in RECALLS}
+    scores |= {"class retrieval R@1": hits_at_k(te, yte, tr, ytr, 1), "linear probe top-1": probe}
     return {k: s.float().numpy() for k, s in scores.items()}, chance_levels(ytr.numpy(), yte.numpy(),
                                                                              cfg.eval.num_classes)
 
 
 def chance_levels(train_labels: np.ndarray, test_labels: np.ndarray, classes: int) -> dict[str, float]:
-    n_test = len(test_labels)
     share = np.bincount(train_labels, minlength=classes) / len(train_labels)  # a random neighbour's odds
-    return {"audio->video R@1": 1 / n_test, "audio->video R@5": min(1.0, 5 / n_test), "video->audio R@1": 1 / n_test,
-            "video->audio R@5": min(1.0, 5 / n_test), "class retrieval R@1": float(share[test_labels].mean()),
-            "linear probe top-1": 1 / classes}
+    return {**{f"{d} R@{k}": min(1.0, k / len(test_labels)) for d, k in RECALLS},
+            "class retrieval R@1": float(share[test_labels].mean()), "linear probe top-1": 1 / classes}
 
 
 def bootstrap_ci(hits: np.ndarray, draws: np.ndarray) -> tuple[float, float]:
