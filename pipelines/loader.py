@@ -137,12 +137,14 @@ def release_finished_pipeline():
 
 def build_loader(cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
                  backend: str = "dali", workers: int = 2, state: dict | None = None):
-    """backend: 'dali' (the product) or 'reference' (PyAV + torch in DataLoader workers);
-    state: a loader.state_dict() to continue from (resuming a run)."""
+    """backend: 'dali' (the product), 'reference' (PyAV + torch in DataLoader workers) or
+    'torchcodec' (the reference loader decoding with torchcodec); state: a loader.state_dict()
+    to continue from (resuming a run)."""
     if backend == "dali":
         return DaliLoader(cfg, rank, world, local_rank, kind, state=state)
-    if backend == "reference":
+    if backend in ("reference", "torchcodec"):
         from stica.pipelines.reference import ReferenceLoader
 
-        return ReferenceLoader(cfg, rank, world, local_rank, kind, workers=workers, state=state)
-    raise ValueError(f"loader backend must be dali or reference, not {backend!r}")
+        decoder = "torchcodec" if backend == "torchcodec" else "pyav"
+        return ReferenceLoader(cfg, rank, world, local_rank, kind, workers=workers, state=state, decoder=decoder)
+    raise ValueError(f"loader backend must be dali, reference or torchcodec, not {backend!r}")

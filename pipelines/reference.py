@@ -1,11 +1,14 @@
 """The conventional loader: PyAV decoding and torch augmentations in DataLoader worker
 processes, behind the same interface as DaliLoader. It is the baseline every throughput
-figure is compared with, and the fallback where DALI is not installed.
+figure is compared with, and the fallback where DALI is not installed. With decoder="torchcodec"
+(`data.loader=torchcodec`) the same loader decodes with torchcodec instead of PyAV: the peer
+users pick today, benchmarked beside the other two.
 
 Samples are read by the shards' index files (random access into the tars, as webdataset's
 `wids` does) rather than by streaming whole shards, so a DistributedSampler can give every
 rank the same number of batches and each sample once; decoding touches only the segments a
-clip needs, as in the DALI graph, so the comparison is between decode-and-augment engines.
+clip needs and stops at its last frame, as in the DALI graph, so the comparison is between
+decode-and-augment engines.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from stica.media import decode_flac, decode_segment
+from stica.media import decode_flac, segment_frames, torchcodec_missing
 from stica.shards import load_manifest, parse_info, read_index, shard_paths, split_segments
 
 
@@ -103,18 +106,16 @@ def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
     return normalize(x, cfg).permute(1, 0, 2, 3).contiguous()
 
 
-def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int) -> np.ndarray:
+def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int, decoder: str = "pyav") -> np.ndarray:
     meta, _ = parse_info(info)
     seg = meta["seg_frames"]
     first, last = start // seg, min((start + num_frames - 1) // seg, meta["num_segments"] - 1)
     segments = split_segments(segs, info)
-    frames = [f for k in range(first, last + 1) for f in decode_segment(segments[k])]
-    frames = frames[start - first * seg:][:num_frames]
+    frames = []
+    for k in range(first, last + 1):
+        offset = start - first * seg if k == first else 0
+        frames += list(segment_frames(segments[k], offset, offset + num_frames - len(frames), decoder))
     return np.stack(frames + [frames[-1]] * (num_frames - len(frames)))  # edge padding, as DALI's decoder
-
-
-def decode_audio(flac: bytes) -> np.ndarray:
-    return decode_flac(flac).astype(np.float32)
 
 
 def audio_window(audio: np.ndarray, start: int, fps: int, seconds: float, rate: int) -> torch.Tensor:
@@ -124,8 +125,8 @@ def audio_window(audio: np.ndarray, start: int, fps: int, seconds: float, rate: 
 
 
 class ShardSamples(Dataset):
-    def __init__(self, cfg, kind: str, seed: int):
-        self.cfg, self.kind, self.seed, self.epoch = cfg, kind, seed, 0
+    def __init__(self, cfg, kind: str, seed: int, decoder: str = "pyav"):
+        self.cfg, self.kind, self.seed, self.decoder, self.epoch = cfg, kind, seed, decoder, 0
         self.fps = load_manifest(cfg.shards)["options"]["fps"]
         tars, idxs = shard_paths(cfg.shards, cfg.split)
         self.samples = [(tar, key, members) for tar, idx in zip(tars, idxs) for key, members in read_index(idx)]
@@ -153,8 +154,8 @@ class ShardSamples(Dataset):
             starts = [int(rng.integers(0, span + 1))]
         else:
             starts = [int(span * j / max(1, cfg.eval_clips - 1)) for j in range(cfg.eval_clips)]
-        clips = [torch.from_numpy(decode_clip(m["segs"], m["info"], s, T)) for s in starts]
-        track = decode_audio(m["flac"])
+        clips = [torch.from_numpy(decode_clip(m["segs"], m["info"], s, T, self.decoder)) for s in starts]
+        track = decode_flac(m["flac"], self.decoder).astype(np.float32)
         audio = [log_mel(audio_window(track, s, self.fps, T / self.fps, cfg.audio.rate)
                          * (rng.uniform(*cfg.audio.volume_jitter) if self.kind == "pretrain" else 1.0),
                          cfg.audio, self.filters) for s in starts]
@@ -186,8 +187,11 @@ def eval_crops(frames: torch.Tensor, cfg) -> list[torch.Tensor]:
 
 class ReferenceLoader:
     def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
-                 workers: int = 2, state: dict | None = None):
-        self.dataset = ShardSamples(cfg, kind, seed=cfg.seed)
+                 workers: int = 2, state: dict | None = None, decoder: str = "pyav"):
+        if decoder == "torchcodec" and (why := torchcodec_missing()):
+            raise RuntimeError(f"data.loader=torchcodec: torchcodec cannot run here ({why}); install it with "
+                               "FFmpeg's shared libraries, or use data.loader=reference")
+        self.dataset = ShardSamples(cfg, kind, seed=cfg.seed, decoder=decoder)
         self.kind, self.batch_size, self.workers = kind, cfg.batch_size, workers
         self.views = cfg.views if kind == "pretrain" else 1
         # Padding (drop_last=False) gives every rank the same sample count, as DALI's pad_last_batch.

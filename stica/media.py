@@ -1,8 +1,12 @@
 """Decoding the members of a packed sample (see stica/shards.py) with PyAV: the packer checks
-what it wrote with these, and the reference loader reads shards with them."""
+what it wrote with these, and the reference loader reads shards with them. torchcodec (an
+optional extra, FFmpeg's shared libraries needed) does the same for the torchcodec loader, the
+peer users pick today."""
 from __future__ import annotations
 
+import importlib
 import io
+import itertools
 
 import av
 import numpy as np
@@ -20,10 +24,38 @@ def decode_segment(segment: bytes) -> list[np.ndarray]:
     return [f.to_ndarray(format="rgb24") for f in iter_frames(segment)]
 
 
-def decode_flac(flac: bytes) -> np.ndarray:
+DECODERS = ("pyav", "torchcodec")
+
+
+def segment_frames(segment: bytes, start: int, stop: int, decoder: str = "pyav") -> np.ndarray:
+    """Frames [start, stop) of one packed segment (fewer where it ends first) as T,H,W,3 uint8
+    RGB, on one thread; decoding stops at `stop`, as DALI's decoder does."""
+    if decoder == "torchcodec":
+        from torchcodec.decoders import VideoDecoder
+
+        video = VideoDecoder(segment, dimension_order="NHWC", num_ffmpeg_threads=1)
+        return video.get_frames_in_range(start, min(stop, len(video))).data.numpy()
+    return np.stack([f.to_ndarray(format="rgb24") for f in itertools.islice(iter_frames(segment), start, stop)])
+
+
+def decode_flac(flac: bytes, decoder: str = "pyav") -> np.ndarray:
     """The packed mono audio track as int16 samples."""
+    if decoder == "torchcodec":
+        from torchcodec.decoders import AudioDecoder
+
+        # FFmpeg hands FLAC's int16 samples over as float / 32768: scaling back is exact.
+        return (AudioDecoder(flac).get_all_samples().data[0] * 32768).round().numpy().astype(np.int16)
     with av.open(io.BytesIO(flac)) as c:
         return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+
+
+def torchcodec_missing() -> str | None:
+    """Why the torchcodec decoder cannot run here (None where it can)."""
+    try:
+        importlib.import_module("torchcodec.decoders")  # loads FFmpeg's libraries
+    except Exception as e:  # ImportError without the package, RuntimeError/OSError without FFmpeg
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+    return None
 
 
 def decode_audio_file(path, rate: int) -> np.ndarray:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stica.config import load_config
+from stica.media import torchcodec_missing
 from stica.pipelines.loader import build_loader
 from stica.pipelines.reference import mel_filters
 from stica.tools.shard import main as shard_main
@@ -12,6 +13,10 @@ from stica.tools.synth import write_av
 from conftest import CHIRP, chirp, level, pack_timecoded
 
 SIZE = (96, 72)
+# The torchcodec loader is an optional extra (the peer in stica-bench's loader table).
+TORCHCODEC = pytest.param("torchcodec", marks=pytest.mark.skipif(
+    bool(torchcodec_missing()), reason=f"torchcodec (optional) cannot run here: {torchcodec_missing()}"))
+LOADERS = ["dali", "reference", TORCHCODEC]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,7 @@ def test_pretrain_batch_shapes_and_types(shards):
     assert batch["has_audio"].all()
 
 
-@pytest.mark.parametrize("backend", ["dali", "reference"])
+@pytest.mark.parametrize("backend", LOADERS)
 def test_clip_frames_and_audio_window_follow_the_clip_start(shards, backend):
     cfg = config(shards, *NO_COLOUR, "data.views=1", "data.audio.volume_jitter=[1.0,1.0]")
     seen = 0
@@ -126,7 +131,7 @@ def test_sixty_frame_clips(shards):
                                [level(start + j) for j in range(60)], atol=3)
 
 
-@pytest.mark.parametrize("backend", ["dali", "reference"])
+@pytest.mark.parametrize("backend", LOADERS)
 def test_evaluation_takes_uniform_clips_and_three_crops(shards, backend):
     cfg = config(shards, *NO_COLOUR, "data.eval_clips=4")
     batch = next(iter(build_loader(cfg, kind="eval", backend=backend, workers=0)))
@@ -170,6 +175,7 @@ def test_decode_device_rules(monkeypatch):
 SOAK = """
 import json, sys
 from stica.config import load_config
+from stica.media import torchcodec_missing
 from stica.pipelines.loader import build_loader
 from stica.tools.bench_loader import soak
 shards, backend, kind = sys.argv[1:]
@@ -220,7 +226,7 @@ def test_imports_run_one_way():
         assert not {m for m in imports(path) if m.startswith(("stica.tools", "stica.pipelines"))}, path
 
 
-@pytest.mark.parametrize("backend", ["dali", "reference"])
+@pytest.mark.parametrize("backend", LOADERS)
 def test_decoding_is_frame_exact_at_segment_edges_and_the_last_start(shards, backend):
     """Clips starting at every frame 0..90 (eval_clips=91 over 120 frames): the segment edges
     (29, 30, 59, 60) and the last start F-T = 90 included; a frame off by one is 8 levels off."""
@@ -240,6 +246,14 @@ def test_dali_and_reference_loaders_decode_the_same_pixels(shards):
     assert sorted(dali) == sorted(ref) and len(dali) == 8
     for key in dali:
         assert (dali[key] - ref[key]).abs().max() <= 2.0, key
+
+
+def test_torchcodec_loader_says_why_it_cannot_run(shards, monkeypatch):
+    import stica.pipelines.reference as reference
+
+    monkeypatch.setattr(reference, "torchcodec_missing", lambda: "RuntimeError: Could not load libtorchcodec")
+    with pytest.raises(RuntimeError, match="Could not load libtorchcodec.*data.loader=reference"):
+        build_loader(config(shards), backend="torchcodec")
 
 
 def test_audio_window_is_aligned_to_its_first_frame_within_10_ms(shards):

@@ -94,7 +94,8 @@ def plot(results: dict, path: Path):
         axes[0].set_ylabel("step cost relative to Default")
         axes[0].set_title(f"Cropping strategies ({results['device']})")
         axes[0].legend()
-    bars = [(f"{r['backend']} x{r['threads_or_workers']}", r["clips_per_s"]) for r in results.get("loader", [])]
+    bars = [(f"{r['backend']} x{r['threads_or_workers']}", r["clips_per_s"]) for r in results.get("loader", [])
+            if r["clips_per_s"] is not None]
     model_rate = next((r["clips_per_s"] for r in results.get("model", [])
                        if r["strategy"].startswith("Feature crops (2x6") and r["pooling"] != "average"), None)
     if model_rate:
@@ -191,8 +192,7 @@ def main(argv=None):
     if "model" in modes:
         results["model"] = run_model(p, device, amp, size)
     if "loader" in modes:
-        backends = ["dali", "reference"]
-        results["loader"] = run_loader(args.shards, p, backends)
+        results["loader"] = run_loader(args.shards, p, ["dali", "reference", "torchcodec"])
     if "clipcost" in modes:
         # Starts at 0, the middle and the end of a 10-s video (clamped to shorter videos).
         results["clip_cost"] = [{"start": r["start"], "seg_frames": r["seg_frames"],

@@ -6,6 +6,7 @@ import statistics
 import time
 
 from stica.config import load_config
+from stica.media import torchcodec_missing
 from stica.pipelines.loader import build_loader
 from stica.tools.measure import DEFAULT_CONFIG, summarize, sync
 
@@ -73,16 +74,25 @@ def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: 
 
 
 def run_loader(shards: str, p: dict, backends: list[str]) -> list[dict]:
+    """One row per backend and thread/worker count; a backend that cannot run here (torchcodec
+    without FFmpeg's libraries) gets one row saying why instead of its figures."""
     rows = []
     cores = os.cpu_count() or 1
     for backend in backends:
+        if backend == "torchcodec" and (why := torchcodec_missing()):
+            rows.append({"backend": backend, "decode": "-", "threads_or_workers": "-", "clips_per_s": None,
+                         "clips_per_s_min": None, "clips_per_s_max": None, "clips_per_s_per_core": None,
+                         "note": f"not measured: {why}"})
+            print(f"[bench] loader torchcodec not measured: {why}", flush=True)
+            continue
         for parallel in p["parallel"]:
             r = loader_throughput(shards, backend, parallel, batch_size=p["loader_batch"], batches=p["loader_batches"],
                                   repeats=p["repeats"], warmup=1)
             rate = r["clips_per_s"]
             rows.append({"backend": backend, "decode": r["device"], "threads_or_workers": parallel,
                          "clips_per_s": rate["median"], "clips_per_s_min": rate["min"],
-                         "clips_per_s_max": rate["max"], "clips_per_s_per_core": rate["median"] / min(parallel, cores)})
+                         "clips_per_s_max": rate["max"], "clips_per_s_per_core": rate["median"] / min(parallel, cores),
+                         "note": ""})
             print(f"[bench] loader {backend:>9} ({r['device']}) x{parallel}: {rate['median']:.1f} clips/s", flush=True)
     return rows
 
