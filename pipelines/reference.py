@@ -93,7 +93,8 @@ def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
     if rng.random() < cfg.jitter_prob:
         b, c, s = (1 + rng.uniform(-a, a) for a in (cfg.brightness, cfg.contrast, cfg.saturation))
         x = x * b
-        x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * c + x.mean(dim=(1, 2, 3), keepdim=True)
+        grey = grayscale(x).mean()  # the clip's mean grey, as the DALI graph
+        x = (x - grey) * c + grey
         x = (x - grayscale(x)) * s + grayscale(x)
     if rng.random() < cfg.grayscale_prob:
         x = grayscale(x).expand_as(x)

@@ -96,6 +96,53 @@ def test_each_view_is_consistent_over_time_and_views_differ(static_shards):
     assert (v1 - v2).abs().mean(dim=(1, 2, 3, 4)).min() > 0.2
 
 
+def contrast_only(*overrides):
+    """Views whose only change is a contrast factor drawn from [0.5, 1.5], in pixel levels."""
+    return load_config("configs/pretrain_kinetics.yaml", [
+        "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.0,1.0]", "data.flip_prob=0", "data.grayscale_prob=0",
+        "data.blur_prob=0", "data.jitter_prob=1", "data.brightness=0", "data.saturation=0", "data.contrast=0.5",
+        "data.mean=[0,0,0]", "data.std=[0.00392156862745098,0.00392156862745098,0.00392156862745098]",
+        "data.crop_size=8", *overrides]).data
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_contrast_pivots_on_the_clip_mean_grey(backend):
+    """As torchvision's ColorJitter (the released code's): contrast scales the distance from the
+    mean grey, of the whole clip here (one colour change per clip), so that mean is kept. DALI's
+    color_twist pivots at mid-range (128), which moved this clip's mean by up to 35 levels."""
+    clip = np.full((4, 8, 8, 3), 40, np.uint8)
+    clip[:, :, 4:] = 80
+    clip[2:] += 20  # frames 0-1: 40 | 80, frames 2-3: 60 | 100; clip mean grey 70, far from 128
+    cfg = contrast_only()
+    if backend == "reference":
+        from stica.pipelines.reference import video_view
+
+        rng = np.random.default_rng(0)
+        views = [video_view(torch.from_numpy(clip), cfg, rng)[0] for _ in range(16)]
+    else:
+        from nvidia.dali import fn, pipeline_def, types
+
+        from stica.pipelines.pretrain import video_view
+
+        @pipeline_def(batch_size=16, num_threads=1, device_id=None, enable_conditionals=True, seed=1)
+        def views_of_clip():
+            x = fn.external_source(source=lambda: [clip] * 16, batch=True, layout="FHWC")
+            return video_view(x, cfg, types.FLOAT)
+
+        pipe = views_of_clip()
+        pipe.build()
+        (out,) = pipe.run()
+        views = [torch.from_numpy(np.array(out.at(i)))[0] for i in range(16)]  # red: T,H,W
+    factors = []
+    for v in views:
+        assert abs(v.mean().item() - 70) < 1.0
+        c = (v[0, 0, 4] - v[0, 0, 0]).item() / 40  # this view's contrast factor
+        frame_means = v.mean(dim=(1, 2))
+        assert abs((frame_means[2] - frame_means[0]).item() - 20 * c) < 1.0  # one pivot for the clip
+        factors.append(c)
+    assert min(factors) < 0.9 and max(factors) > 1.1  # the factor does vary over [0.5, 1.5]
+
+
 def test_two_ranks_cover_every_sample_once_with_equal_batch_counts(shards):
     keys, counts = [], []
     for rank in range(2):
