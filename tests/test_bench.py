@@ -22,13 +22,13 @@ def test_quick_preset_writes_tables_and_gpu_hours_follow_from_measured_time(shar
     results = json.loads((out / "results.json").read_text())
     assert results["dataset_size"] == 12 and results["preset"] == "quick"
     model = list(csv.DictReader(open(out / "model.csv")))
-    assert len(model) == 16  # 8 strategies x (average, transformer) pooling
+    assert len(model) == 24  # 8 strategies x (average, transformer, transformer + positional) pooling
     for row in results["model"]:
         assert row["clips_per_s"] == pytest.approx(row["batch"] / row["step_s"])
         assert row["gpu_hours_per_epoch"] == pytest.approx(12 / row["clips_per_s"] / 3600)
         assert row["step_s_min"] <= row["step_s"] <= row["step_s_max"]
     defaults = [r for r in results["model"] if r["strategy"].startswith("Default")]
-    assert [r["relative_to_default"] for r in defaults] == [1.0, 1.0]
+    assert [r["relative_to_default"] for r in defaults] == [1.0, 1.0, 1.0]
     paper = {r["strategy"]: r["paper_gpu_hours_v100"] for r in results["model"] if r["pooling"] == "average"}
     assert paper["Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)"] == 30.0 and paper["Default (1x112^2)"] == 17.3
     loader = list(csv.DictReader(open(out / "loader.csv")))

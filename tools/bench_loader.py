@@ -11,12 +11,15 @@ from stica.pipelines.loader import build_loader
 from stica.tools.measure import DEFAULT_CONFIG, summarize, sync
 
 
-def loader_throughput(shards: str, backend: str, parallel: int, batch_size: int = 8, batches: int = 10,
+def loader_throughput(shards: str, backend: str, parallel: int, batch_size: int = 8, batches: int | None = 10,
                       repeats: int = 3, warmup: int = 2, overrides: list[str] = (), config: str = DEFAULT_CONFIG) -> dict:
-    """Clips/s (two views + spectrogram) after warm-up; `parallel` is DALI threads or DataLoader workers."""
+    """Clips/s (two views + spectrogram) after warm-up; `parallel` is DALI threads or DataLoader
+    workers. batches=None times whole epochs, boundaries included, after one warm-up epoch."""
     cfg = load_config(config, [f"data.shards={shards}", f"data.batch_size={batch_size}",
                                f"data.threads={parallel}", *overrides]).data
     loader = build_loader(cfg, backend=backend, workers=parallel)
+    if batches is None:
+        batches = warmup = len(loader)
     rates = []
     stream = _forever(loader)
     for _ in range(warmup):
@@ -74,26 +77,31 @@ def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: 
 
 
 def run_loader(shards: str, p: dict, backends: list[str]) -> list[dict]:
-    """One row per backend and thread/worker count; a backend that cannot run here (torchcodec
-    without FFmpeg's libraries) gets one row saying why instead of its figures."""
+    """Whole epochs of each loader, one row per backend and thread/worker count (DALI also per
+    prefetch depth): epoch boundaries count, as in training. A backend that cannot run here
+    (torchcodec without FFmpeg's libraries) gets one row saying why instead."""
     rows = []
     cores = os.cpu_count() or 1
     for backend in backends:
         if backend == "torchcodec" and (why := torchcodec_missing()):
-            rows.append({"backend": backend, "decode": "-", "threads_or_workers": "-", "clips_per_s": None,
-                         "clips_per_s_min": None, "clips_per_s_max": None, "clips_per_s_per_core": None,
-                         "note": f"not measured: {why}"})
+            rows.append({"backend": backend, "decode": "-", "threads_or_workers": "-", "prefetch": "-",
+                         "clips_per_s": None, "clips_per_s_min": None, "clips_per_s_max": None,
+                         "clips_per_s_per_core": None, "note": f"not measured: {why}"})
             print(f"[bench] loader torchcodec not measured: {why}", flush=True)
             continue
-        for parallel in p["parallel"]:
-            r = loader_throughput(shards, backend, parallel, batch_size=p["loader_batch"], batches=p["loader_batches"],
-                                  repeats=p["repeats"], warmup=1)
-            rate = r["clips_per_s"]
-            rows.append({"backend": backend, "decode": r["device"], "threads_or_workers": parallel,
-                         "clips_per_s": rate["median"], "clips_per_s_min": rate["min"],
-                         "clips_per_s_max": rate["max"], "clips_per_s_per_core": rate["median"] / min(parallel, cores),
-                         "note": ""})
-            print(f"[bench] loader {backend:>9} ({r['device']}) x{parallel}: {rate['median']:.1f} clips/s", flush=True)
+        # DataLoader workers keep their own fixed prefetch (2 batches each).
+        for prefetch in p["prefetch"] if backend == "dali" else ["-"]:
+            for parallel in p["parallel"]:
+                extra = [f"data.prefetch={prefetch}"] if backend == "dali" else []
+                r = loader_throughput(shards, backend, parallel, batch_size=p["loader_batch"], batches=None,
+                                      repeats=p["loader_epochs"], overrides=extra)
+                rate = r["clips_per_s"]
+                rows.append({"backend": backend, "decode": r["device"], "threads_or_workers": parallel,
+                             "prefetch": prefetch, "clips_per_s": rate["median"], "clips_per_s_min": rate["min"],
+                             "clips_per_s_max": rate["max"], "clips_per_s_per_core": rate["median"] / min(parallel, cores),
+                             "note": ""})
+                print(f"[bench] loader {backend:>10} ({r['device']}) x{parallel} prefetch {prefetch}: "
+                      f"{rate['median']:.1f} clips/s", flush=True)
     return rows
 
 

@@ -124,11 +124,15 @@ def largest_batch(cfg, strategy: Strategy, frames: int, size: int, device, amp, 
 
 
 def run_model(p: dict, device, amp, dataset_size: int, largest_for: tuple[str, ...] | None = None) -> list[dict]:
-    """Every strategy of Table 1f with average and transformer pooling; on a GPU also the largest
+    """Every strategy of Table 1f with average and transformer pooling (without and with the
+    positional embedding); on a GPU also the largest
     batch that fits, for the strategies whose names start with one of `largest_for` (all if None)."""
     rows = []
-    for layers in (0, 2):
-        cfg = load_config(DEFAULT_CONFIG, [f"model.width={p['width']}", f"model.transformer.layers={layers}"])
+    poolings = {"average": (0, False), "transformer (2 layers)": (2, False),
+                "transformer (2 layers, positional)": (2, True)}
+    for pooling, (layers, positional) in poolings.items():
+        cfg = load_config(DEFAULT_CONFIG, [f"model.width={p['width']}", f"model.transformer.layers={layers}",
+                                           f"model.transformer.positional={positional}"])
         _, h, _ = feature_grid(p["frames"], p["size"], p["size"])
         strategies = table_1f(map_side=h)
         base = None
@@ -140,16 +144,17 @@ def run_model(p: dict, device, amp, dataset_size: int, largest_for: tuple[str, .
             # only ever adds time, and one slow repeat made a row read 11.5x Default.
             base = base or fastest
             rate = p["batch"] / step
-            row = {"strategy": s.name, "pooling": "transformer (2 layers)" if layers else "average",
+            row = {"strategy": s.name, "pooling": pooling,
                    "batch": p["batch"], "step_s": step, "step_s_min": fastest, "step_s_max": slowest,
                    "spread": slowest / fastest, "clips_per_s": rate, "relative_to_default": fastest / base,
                    "gpu_hours_per_epoch": gpu_hours(dataset_size, rate), "peak_mem_gib": m["peak_mem_gib"],
                    "paper_gpu_hours_v100": s.paper_gpu_hours if layers == 0 else None,
                    "paper_relative": s.paper_gpu_hours / 17.3 if layers == 0 else None}
-            if device.type == "cuda" and (largest_for is None or s.name.startswith(largest_for)):
+            # The embedding adds max_steps x 512 parameters: no batch search of its own.
+            if device.type == "cuda" and not positional and (largest_for is None or s.name.startswith(largest_for)):
                 row["max_batch"] = largest_batch(cfg, s, p["frames"], p["size"], device, amp)
             rows.append(row)
-            print(f"[bench] model {row['pooling']:>22} | {s.name:<42} {step * 1000:8.1f} ms/step "
+            print(f"[bench] model {row['pooling']:>34} | {s.name:<42} {step * 1000:8.1f} ms/step "
                   f"({row['relative_to_default']:.2f}x)", flush=True)
             if row["spread"] > 1.5:
                 print(f"[bench] warning: {s.name} ({row['pooling']}): repeats span {row['spread']:.1f}x "

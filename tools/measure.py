@@ -45,8 +45,9 @@ def loader_table(rows: list[dict]) -> list[str]:
     """Markdown lines of a loader throughput table (stica-bench and its --gpu-check)."""
     def line(r):
         if r["clips_per_s"] is None:
-            return f"| {r['backend']} | {r['note']} | | | |"
-        return (f"| {r['backend']} | {r['decode']} | {r['threads_or_workers']} | {r['clips_per_s']:.1f} "
-                f"({r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}) | {r['clips_per_s_per_core']:.1f} |")
-    return ["| backend | decode | threads/workers | clips/s (min-max) | per core |", "|---|---|---|---|---|"] + [
-        line(r) for r in rows]
+            return f"| {r['backend']} | {r['note']} | | | | |"
+        return (f"| {r['backend']} | {r['decode']} | {r['threads_or_workers']} | {r.get('prefetch', '-')} | "
+                f"{r['clips_per_s']:.1f} ({r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}) | "
+                f"{r['clips_per_s_per_core']:.1f} |")
+    return ["| backend | decode | threads/workers | prefetch | clips/s (min-max) | per core |",
+            "|---|---|---|---|---|---|"] + [line(r) for r in rows]
