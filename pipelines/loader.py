@@ -1,6 +1,8 @@
 """DALI pipelines -> PyTorch: iterators yielding dicts of torch tensors, one pipeline per rank."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 
 import numpy as np
@@ -126,13 +128,28 @@ def release_finished_pipeline():
     """Give back what a finished epoch's pipeline held. The pipeline itself is freed when its
     iterator goes, but the Python graph that pipeline_def built for it (DataNodes and operator
     instances referring to each other, plus the classes made for its conditionals) is a
-    reference cycle the collector reaches late, and DALI keeps freed buffers in its pools.
-    Measured over 30 epochs of a small set: +11 MiB resident per epoch as is, flat with one
-    collection and DALI's ReleaseUnusedMemory at each epoch end (~50 ms per epoch)."""
+    reference cycle the collector reaches late, and DALI keeps freed buffers in its pools. What
+    both free stays in glibc's heap arenas (each new pipeline's threads take their own) unless
+    trimmed. Measured over 80 epochs of an 8-video set, resident MiB: without the trim, 390-610
+    with one run drifting +5 MiB per epoch; with it, 345-395 and flat (+-0.1 MiB/epoch) in each
+    run. Without the collection and ReleaseUnusedMemory, +11 MiB per epoch. About 50 ms an epoch."""
     from nvidia.dali.backend import ReleaseUnusedMemory
 
     gc.collect()
     ReleaseUnusedMemory()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_libc = _glibc()
 
 
 def build_loader(cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
