@@ -95,7 +95,8 @@ def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
         x = x * b
         grey = grayscale(x).mean()  # the clip's mean grey, as the DALI graph
         x = (x - grey) * c + grey
-        x = (x - grayscale(x)) * s + grayscale(x)
+        grey = grayscale(x)
+        x = (x - grey) * s + grey
     if rng.random() < cfg.grayscale_prob:
         x = grayscale(x).expand_as(x)
     x = x.clamp(0, 255)

@@ -24,9 +24,6 @@ def decode_segment(segment: bytes) -> list[np.ndarray]:
     return [f.to_ndarray(format="rgb24") for f in iter_frames(segment)]
 
 
-DECODERS = ("pyav", "torchcodec")
-
-
 def segment_frames(segment: bytes, start: int, stop: int, decoder: str = "pyav") -> np.ndarray:
     """Frames [start, stop) of one packed segment (fewer where it ends first) as T,H,W,3 uint8
     RGB, on one thread; decoding stops at `stop`, as DALI's decoder does."""

@@ -55,13 +55,11 @@ def markdown(results: dict) -> str:
         out += ["## Loader only (two views + spectrogram per clip, whole epochs)", "", *loader_table(results["loader"]), ""]
         # Per core with the whole machine busy: with one thread or worker, the main process (the
         # DataLoader's collation, DALI's hand-off) runs on a second core and flatters the figure.
-        cores = os.cpu_count() or 1
-        full = {}
-        for r in results["loader"]:
-            if r["clips_per_s"] is not None and r["decode"] == "cpu" and r["threads_or_workers"] <= cores:
-                best = full.get(r["backend"])
-                if best is None or (r["threads_or_workers"], r["clips_per_s"]) > (best["threads_or_workers"], best["clips_per_s"]):
-                    full[r["backend"]] = r
+        cores = results["cpu_cores"]
+        cpu = [r for r in results["loader"]
+               if r["clips_per_s"] is not None and r["decode"] == "cpu" and r["threads_or_workers"] <= cores]
+        full = {b: max((r for r in cpu if r["backend"] == b), key=lambda r: (r["threads_or_workers"], r["clips_per_s"]))
+                for b in dict.fromkeys(r["backend"] for r in cpu)}
         if "dali" in full and "reference" in full:
             peers = ", ".join(f"{b} {r['clips_per_s_per_core']:.1f} (x{r['threads_or_workers']})" for b, r in full.items())
             ratio = full["dali"]["clips_per_s_per_core"] / full["reference"]["clips_per_s_per_core"]
@@ -204,7 +202,8 @@ def main(argv=None):
     amp = amp_dtype(args.amp, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"preset": preset, "device": device_name(device), "dataset_size": size, "settings": p}
+    results = {"preset": preset, "device": device_name(device), "dataset_size": size, "settings": p,
+               "cpu_cores": os.cpu_count() or 1}
     if "model" in modes:
         results["model"] = run_model(p, device, amp, size)
     if "loader" in modes:
