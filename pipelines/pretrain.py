@@ -38,6 +38,8 @@ def video_view(clip, cfg, out_dtype):
     # colour twist (saturation, hue) stays the dear part.
     means = fn.reductions.mean(x, axes=[0, 1, 2])
     grey = means[0] * 0.299 + means[1] * 0.587 + means[2] * 0.114
+    if grey.device == "gpu":  # an argument input must live on the CPU (a copy back, as the dynamic executor allows)
+        grey = grey.cpu()
     x = fn.brightness_contrast(x, brightness=factor(cfg.brightness), contrast=factor(cfg.contrast),
                                contrast_center=grey)
     x = fn.color_twist(x, saturation=factor(cfg.saturation) * (1.0 - gray), hue=shift(cfg.hue))
