@@ -35,14 +35,17 @@ def video_view(clip, cfg, out_dtype):
     # released code's) does per image. color_twist's own contrast pivots at mid-range (128): a
     # clip of mean grey 60 had its mean moved by up to 27 levels and its shadows crushed to 0.
     # brightness_contrast centred on the mean costs ~0.5 ms per 30x112x112 clip on one core; the
-    # colour twist (saturation, hue) stays the dear part.
-    means = fn.reductions.mean(x, axes=[0, 1, 2])
-    grey = means[0] * 0.299 + means[1] * 0.587 + means[2] * 0.114
-    if grey.device == "gpu":  # an argument input must live on the CPU (a copy back, as the dynamic executor allows)
-        grey = grey.cpu()
-    x = fn.brightness_contrast(x, brightness=factor(cfg.brightness), contrast=factor(cfg.contrast),
-                               contrast_center=grey)
-    x = fn.color_twist(x, saturation=factor(cfg.saturation) * (1.0 - gray), hue=shift(cfg.hue))
+    # colour twist (saturation, hue) is the dear part (~8 ms), so a config that turns colour off
+    # leaves both operators out of the graph rather than running them as identities.
+    if cfg.jitter_prob > 0:
+        means = fn.reductions.mean(x, axes=[0, 1, 2])
+        grey = means[0] * 0.299 + means[1] * 0.587 + means[2] * 0.114
+        if grey.device == "gpu":  # an argument input must live on the CPU (a copy back, as the dynamic executor allows)
+            grey = grey.cpu()
+        x = fn.brightness_contrast(x, brightness=factor(cfg.brightness), contrast=factor(cfg.contrast),
+                                   contrast_center=grey)
+    if cfg.jitter_prob > 0 or cfg.grayscale_prob > 0:
+        x = fn.color_twist(x, saturation=factor(cfg.saturation) * (1.0 - gray), hue=shift(cfg.hue))
     if fn.random.coin_flip(probability=cfg.blur_prob):
         sigma = fn.random.uniform(range=list(cfg.blur_sigma))
         x = fn.gaussian_blur(x, window_size=blur_window(sigma, cfg.blur_kernel), sigma=sigma)
