@@ -77,6 +77,18 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
 
 
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
+
+
+def rotate_hue(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """x: T,3,H,W. Turns the chroma plane (I, Q) of YIQ by `degrees`, keeping luma, as DALI's
+    color_twist(hue=degrees) does (its turn runs from Q towards I)."""
+    a = math.radians(degrees)
+    turn = torch.tensor([[1.0, 0.0, 0.0], [0.0, math.cos(a), math.sin(a)], [0.0, -math.sin(a), math.cos(a)]])
+    m = torch.linalg.inv(RGB_TO_YIQ) @ turn @ RGB_TO_YIQ
+    return torch.einsum("ij,tjhw->tihw", m.to(x.dtype), x)
+
+
 def normalize(x: torch.Tensor, cfg) -> torch.Tensor:
     """T,C,H,W pixel levels -> (x - mean) / std with the config's [0, 1]-scale statistics."""
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
@@ -97,6 +109,8 @@ def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
         x = (x - grey) * c + grey
         grey = grayscale(x)
         x = (x - grey) * s + grey
+        if cfg.hue > 0:
+            x = rotate_hue(x, rng.uniform(-cfg.hue, cfg.hue))
     if rng.random() < cfg.grayscale_prob:
         x = grayscale(x).expand_as(x)
     x = x.clamp(0, 255)

@@ -1,4 +1,6 @@
 """DALI pipelines and the reference loader on generated, time-coded shards (CPU)."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,74 @@ def test_contrast_pivots_on_the_clip_mean_grey(backend):
         assert abs((frame_means[2] - frame_means[0]).item() - 20 * c) < 1.0  # one pivot for the clip
         factors.append(c)
     assert min(factors) < 0.9 and max(factors) > 1.1  # the factor does vary over [0.5, 1.5]
+
+
+def test_reference_hue_turn_equals_dalis_color_twist():
+    from nvidia.dali import fn, pipeline_def, types
+
+    from stica.pipelines.reference import rotate_hue
+
+    clip = np.random.default_rng(0).integers(30, 225, (2, 8, 8, 3), dtype=np.uint8)
+    for degrees in (30.0, -90.0, 135.0):
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def twist():
+            x = fn.external_source(source=lambda: [clip], batch=True, layout="FHWC")
+            return fn.color_twist(x, hue=degrees, dtype=types.FLOAT)
+
+        pipe = twist()
+        pipe.build()
+        dali = torch.from_numpy(np.array(pipe.run()[0][0]))
+        ours = rotate_hue(torch.from_numpy(clip).permute(0, 3, 1, 2).float(), degrees).permute(0, 2, 3, 1)
+        assert (dali - ours).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_hue_jitter_turns_each_clip_by_one_angle_and_keeps_luma(backend):
+    """data.hue: one chroma turn per view, drawn from [-hue, hue] degrees; luma and chroma
+    strength stay (muted colours, so that no channel clips)."""
+    from stica.pipelines.reference import RGB_TO_YIQ
+
+    clip = np.empty((4, 8, 8, 3), np.uint8)
+    clip[:, :, :4], clip[:, :, 4:] = (140, 110, 90), (90, 115, 140)
+    cfg = load_config("configs/pretrain_kinetics.yaml", [
+        "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.0,1.0]", "data.flip_prob=0", "data.grayscale_prob=0",
+        "data.blur_prob=0", "data.jitter_prob=1", "data.brightness=0", "data.contrast=0", "data.saturation=0",
+        "data.hue=180", "data.mean=[0,0,0]",
+        "data.std=[0.00392156862745098,0.00392156862745098,0.00392156862745098]", "data.crop_size=8"]).data
+    if backend == "reference":
+        from stica.pipelines.reference import video_view
+
+        rng = np.random.default_rng(0)
+        views = [video_view(torch.from_numpy(clip), cfg, rng) for _ in range(16)]
+    else:
+        from nvidia.dali import fn, pipeline_def, types
+
+        from stica.pipelines.pretrain import video_view
+
+        @pipeline_def(batch_size=16, num_threads=1, device_id=None, enable_conditionals=True, seed=1)
+        def views_of_clip():
+            x = fn.external_source(source=lambda: [clip] * 16, batch=True, layout="FHWC")
+            return video_view(x, cfg, types.FLOAT)
+
+        pipe = views_of_clip()
+        pipe.build()
+        (out,) = pipe.run()
+        views = [torch.from_numpy(np.array(out.at(i))) for i in range(16)]
+    yiq = lambda rgb: RGB_TO_YIQ @ torch.as_tensor(rgb, dtype=torch.float32)
+    angles = []
+    for v in views:  # 3,T,H,W pixel levels
+        turns = []
+        for column, colour in ((0, clip[0, 0, 0]), (7, clip[0, 0, 7])):
+            before, after = yiq(colour), yiq(v[:, :, :, column].mean(dim=(1, 2)))
+            assert abs(after[0] - before[0]) < 1.0  # luma kept
+            assert abs(after[1:].norm() - before[1:].norm()) < 1.5  # chroma strength kept
+            turn = math.degrees(math.atan2(after[2], after[1]) - math.atan2(before[2], before[1]))
+            turns.append((turn + 180) % 360 - 180)
+        gap = (turns[0] - turns[1] + 180) % 360 - 180
+        assert abs(gap) < 3.0  # one angle for the whole clip
+        assert v[:, :, :, 0].std(dim=1).max() < 1.0  # and for every frame
+        angles.append(turns[0])
+    assert max(angles) - min(angles) > 180  # the angle does vary over [-180, 180]
 
 
 def test_two_ranks_cover_every_sample_once_with_equal_batch_counts(shards):
