@@ -99,13 +99,35 @@ def test_each_view_is_consistent_over_time_and_views_differ(static_shards):
     assert (v1 - v2).abs().mean(dim=(1, 2, 3, 4)).min() > 0.2
 
 
-def contrast_only():
-    """Views whose only change is a contrast factor drawn from [0.5, 1.5], in pixel levels."""
+def colour_only(*changes: str):
+    """Views whose only change is the colour jitter given (every view jittered), in pixel levels."""
     return load_config("configs/pretrain_kinetics.yaml", [
         "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.0,1.0]", "data.flip_prob=0", "data.grayscale_prob=0",
-        "data.blur_prob=0", "data.jitter_prob=1", "data.brightness=0", "data.saturation=0", "data.contrast=0.5",
+        "data.blur_prob=0", "data.jitter_prob=1", "data.brightness=0", "data.contrast=0", "data.saturation=0",
         "data.mean=[0,0,0]", "data.std=[0.00392156862745098,0.00392156862745098,0.00392156862745098]",
-        "data.crop_size=8"]).data
+        "data.crop_size=8", *changes]).data
+
+
+def views_of_one_clip(backend: str, clip: np.ndarray, cfg, n: int = 16) -> list[torch.Tensor]:
+    """n independent views (3,T,H,W) of one T,H,W,3 uint8 clip from either loader's view code."""
+    if backend == "reference":
+        from stica.pipelines.reference import video_view
+
+        rng = np.random.default_rng(0)
+        return [video_view(torch.from_numpy(clip), cfg, rng) for _ in range(n)]
+    from nvidia.dali import fn, pipeline_def, types
+
+    from stica.pipelines.pretrain import video_view
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None, enable_conditionals=True, seed=1)
+    def views():
+        x = fn.external_source(source=lambda: [clip] * n, batch=True, layout="FHWC")
+        return video_view(x, cfg, types.FLOAT)
+
+    pipe = views()
+    pipe.build()
+    (out,) = pipe.run()
+    return [torch.from_numpy(np.array(out.at(i))) for i in range(n)]
 
 
 @pytest.mark.parametrize("backend", ["dali", "reference"])
@@ -116,26 +138,7 @@ def test_contrast_pivots_on_the_clip_mean_grey(backend):
     clip = np.full((4, 8, 8, 3), 40, np.uint8)
     clip[:, :, 4:] = 80
     clip[2:] += 20  # frames 0-1: 40 | 80, frames 2-3: 60 | 100; clip mean grey 70, far from 128
-    cfg = contrast_only()
-    if backend == "reference":
-        from stica.pipelines.reference import video_view
-
-        rng = np.random.default_rng(0)
-        views = [video_view(torch.from_numpy(clip), cfg, rng)[0] for _ in range(16)]
-    else:
-        from nvidia.dali import fn, pipeline_def, types
-
-        from stica.pipelines.pretrain import video_view
-
-        @pipeline_def(batch_size=16, num_threads=1, device_id=None, enable_conditionals=True, seed=1)
-        def views_of_clip():
-            x = fn.external_source(source=lambda: [clip] * 16, batch=True, layout="FHWC")
-            return video_view(x, cfg, types.FLOAT)
-
-        pipe = views_of_clip()
-        pipe.build()
-        (out,) = pipe.run()
-        views = [torch.from_numpy(np.array(out.at(i)))[0] for i in range(16)]  # red: T,H,W
+    views = [v[0] for v in views_of_one_clip(backend, clip, colour_only("data.contrast=0.5"))]  # red: T,H,W
     factors = []
     for v in views:
         assert abs(v.mean().item() - 70) < 1.0
@@ -173,30 +176,7 @@ def test_hue_jitter_turns_each_clip_by_one_angle_and_keeps_luma(backend):
 
     clip = np.empty((4, 8, 8, 3), np.uint8)
     clip[:, :, :4], clip[:, :, 4:] = (140, 110, 90), (90, 115, 140)
-    cfg = load_config("configs/pretrain_kinetics.yaml", [
-        "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.0,1.0]", "data.flip_prob=0", "data.grayscale_prob=0",
-        "data.blur_prob=0", "data.jitter_prob=1", "data.brightness=0", "data.contrast=0", "data.saturation=0",
-        "data.hue=180", "data.mean=[0,0,0]",
-        "data.std=[0.00392156862745098,0.00392156862745098,0.00392156862745098]", "data.crop_size=8"]).data
-    if backend == "reference":
-        from stica.pipelines.reference import video_view
-
-        rng = np.random.default_rng(0)
-        views = [video_view(torch.from_numpy(clip), cfg, rng) for _ in range(16)]
-    else:
-        from nvidia.dali import fn, pipeline_def, types
-
-        from stica.pipelines.pretrain import video_view
-
-        @pipeline_def(batch_size=16, num_threads=1, device_id=None, enable_conditionals=True, seed=1)
-        def views_of_clip():
-            x = fn.external_source(source=lambda: [clip] * 16, batch=True, layout="FHWC")
-            return video_view(x, cfg, types.FLOAT)
-
-        pipe = views_of_clip()
-        pipe.build()
-        (out,) = pipe.run()
-        views = [torch.from_numpy(np.array(out.at(i))) for i in range(16)]
+    views = views_of_one_clip(backend, clip, colour_only("data.hue=180"))
     yiq = lambda rgb: RGB_TO_YIQ @ torch.as_tensor(rgb, dtype=torch.float32)
     angles = []
     for v in views:  # 3,T,H,W pixel levels
