@@ -41,9 +41,10 @@ def widths(width: float) -> list[int]:
 
 
 class R2Plus1D18(nn.Module):
-    """Clips B,3,T,H,W -> feature map B,512,T/8,H/16,W/16 (512x4x7x7 for 30x112x112)."""
+    """Clips B,3,T,H,W -> feature map B,512,T/8,H/16,W/16 (512x4x7x7 for 30x112x112). With
+    zero_init_residual, each block's last BN starts at zero, so the block starts as its skip."""
 
-    def __init__(self, width: float = 1.0):
+    def __init__(self, width: float = 1.0, zero_init_residual: bool = False):
         super().__init__()
         w = widths(width)
         stem = max(8, int(round(45 * width)))
@@ -60,6 +61,10 @@ class R2Plus1D18(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            for block in self.modules():
+                if isinstance(block, VideoBlock):
+                    nn.init.zeros_(block.conv2[1].weight)
 
     def forward(self, x):
         return self.stages(self.stem(x))
@@ -85,7 +90,7 @@ class ResNet9Audio(nn.Module):
     """Log-mel B,1,F,T -> B,512. The released code keeps torchvision's unused 1000-way fc (which
     forces find_unused_parameters in DDP); it is left out here."""
 
-    def __init__(self, width: float = 1.0):
+    def __init__(self, width: float = 1.0, zero_init_residual: bool = False):
         super().__init__()
         w = widths(width)
         self.out_dim = w[-1]
@@ -99,6 +104,10 @@ class ResNet9Audio(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            for block in self.modules():
+                if isinstance(block, AudioBlock):
+                    nn.init.zeros_(block.bn2.weight)
 
     def forward(self, x):
         return self.blocks(self.stem(x)).mean(dim=(2, 3))
@@ -167,8 +176,8 @@ class Head(nn.Sequential):
 class Stica(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.video = R2Plus1D18(cfg.width)
-        self.audio = ResNet9Audio(cfg.width)
+        self.video = R2Plus1D18(cfg.width, cfg.zero_init_residual)
+        self.audio = ResNet9Audio(cfg.width, cfg.zero_init_residual)
         self.pool = TemporalPooling(cfg.transformer, self.video.out_dim)
         self.video_head = Head(self.video.out_dim, cfg.head_hidden, cfg.embed_dim, cfg.head_dropout)
         self.audio_head = Head(self.audio.out_dim, cfg.head_hidden, cfg.embed_dim, cfg.head_dropout)

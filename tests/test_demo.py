@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from stica.tools.demo import FPS, REGISTERS, SHAPES, chance_levels, main as demo_main, make_video, summarise
+from stica.tools.demo import FPS, REGISTERS, SHAPES, SIZES, SPREAD, chance_levels, main as demo_main, make_video, summarise
 
 
 def decode(path):
@@ -34,7 +34,21 @@ def test_the_sound_sings_in_the_register_of_the_class(tmp_path, shape):
     _, audio, rate = decode(tmp_path / "v.mp4")
     spectrum = np.abs(np.fft.rfft(audio))
     peak = np.fft.rfftfreq(len(audio), 1 / rate)[spectrum.argmax()]
-    assert REGISTERS[shape] * 2 ** -0.31 < peak < REGISTERS[shape] * 2 ** 0.31  # the size moves it +-0.3 octave
+    assert REGISTERS[shape] * 2 ** -(SPREAD + 0.01) < peak < REGISTERS[shape] * 2 ** (SPREAD + 0.01)  # the size moves it
+
+
+def test_a_bigger_shape_sings_lower(tmp_path):
+    """Within a class, the pitch tells the size: the instance cue that audio-visual retrieval
+    at R@1 needs beyond the class."""
+    peaks, sizes = [], []
+    for seed in range(6):
+        sizes.append(np.random.default_rng(seed).uniform(*SIZES))  # make_video's first draw
+        make_video(tmp_path / f"{seed}.mp4", "square", np.random.default_rng(seed))
+        _, audio, rate = decode(tmp_path / f"{seed}.mp4")
+        peaks.append(np.fft.rfftfreq(len(audio), 1 / rate)[np.abs(np.fft.rfft(audio)).argmax()])
+    order = np.argsort(sizes)
+    assert np.ptp(sizes) > 0.4 * (SIZES[1] - SIZES[0])
+    assert np.all(np.diff(np.array(peaks)[order]) < 0)
 
 
 def test_the_sound_swells_when_the_shape_lands(tmp_path):

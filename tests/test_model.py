@@ -33,6 +33,20 @@ def test_trunk_output_map_and_grid():
     assert tuple(spec.shape) == (2, model.audio.out_dim)
 
 
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_zero_init_residual_starts_each_block_as_its_skip(zero_init):
+    """With model.zero_init_residual, a block whose skip is the identity hands a (post-ReLU)
+    input through unchanged at initialisation; with the released init it does not."""
+    cfg = load_config(CONFIG, ["model.width=0.125", f"model.zero_init_residual={zero_init}"])
+    model = Stica(cfg.model).train()  # batch statistics: the BN's running stats play no part
+    x = torch.randn(2, model.video.stages[0][1].conv1[0][0].in_channels, 4, 8, 8).relu()
+    s = torch.randn(2, model.audio.blocks[0].conv1.in_channels, 16, 16).relu()
+    with torch.no_grad():
+        for block, inp in ((model.video.stages[0][1], x), (model.audio.blocks[0], s)):
+            assert block.downsample is None
+            assert torch.allclose(block(inp), inp) == zero_init
+
+
 def test_crop_sampler_covers_every_valid_position_and_nothing_outside():
     cfg = OmegaConf.create({"space_medium": [2, 6], "space_small": [4, 4], "time_medium": [2, 3], "time_small": [1, 2]})
     g = torch.Generator().manual_seed(0)

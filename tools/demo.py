@@ -40,6 +40,7 @@ from stica.tools.synth import write_av
 SHAPES = ("disc", "square", "ring", "bar")  # the classes: the shape that sounds
 REGISTERS = {"disc": 330.0, "square": 660.0, "ring": 1320.0, "bar": 2640.0}  # Hz: each shape's voice, an octave apart
 SIZE, FPS, SECONDS, AUDIO_RATE = 64, 15, 3.0, 24000
+SIZES, SPREAD = (5.0, 13.0), 0.3  # radius range (px); its pitch range, +-octaves about the register
 
 
 def draw(shape: str, dx: np.ndarray, dy: np.ndarray, s: float) -> np.ndarray:
@@ -55,10 +56,10 @@ def rgb(hue: float, saturation: float = 0.85, value: float = 0.95) -> np.ndarray
 
 def make_video(path: Path, shape: str, rng: np.random.Generator, audio: bool = True):
     """A shape bounces and sings in its register; a cross glides by in silence."""
-    size = rng.uniform(7, 12)
-    pitch = REGISTERS[shape] * 2 ** (0.3 - 0.6 * (size - 7) / 5)  # within its register, bigger sings lower
+    size = rng.uniform(*SIZES)
+    pitch = REGISTERS[shape] * 2 ** (SPREAD * (1 - 2 * (size - SIZES[0]) / (SIZES[1] - SIZES[0])))  # bigger sings lower
     rate, phase = rng.uniform(1.5, 4.5), rng.uniform()  # landings per second; the first one, in periods
-    height, x0, floor = rng.uniform(6, 20), rng.uniform(14, 50), rng.uniform(40, 56)
+    height, x0, floor = rng.uniform(6, 20), rng.uniform(1.5 * size, SIZE - 1.5 * size), rng.uniform(40, 60 - size)
     colour = rgb(rng.uniform())
     angle, spatial_freq, drift = rng.uniform(0, np.pi), rng.uniform(0.05, 0.2), rng.uniform(-1, 1)
     bg1, bg2 = (rgb(rng.uniform(), 0.4, rng.uniform(0.2, 0.45)) for _ in range(2))
