@@ -43,7 +43,7 @@ def test_a_bigger_shape_sings_lower(tmp_path):
     peaks, sizes = [], []
     for seed in range(6):
         sizes.append(np.random.default_rng(seed).uniform(*SIZES))  # make_video's first draw
-        make_video(tmp_path / f"{seed}.mp4", "square", np.random.default_rng(seed))
+        make_video(tmp_path / f"{seed}.mp4", "stick", np.random.default_rng(seed))
         _, audio, rate = decode(tmp_path / f"{seed}.mp4")
         peaks.append(np.fft.rfftfreq(len(audio), 1 / rate)[np.abs(np.fft.rfft(audio)).argmax()])
     order = np.argsort(sizes)

@@ -1,7 +1,7 @@
 """stica-demo: the whole system on a built-in synthetic corpus, on CPU, in under 10 minutes.
 
 1. Generate videos in which what the sound shares with the picture is what the downstream task
-   asks for: the class is the shape that bounces (disc, square, ring, bar), and it sings in its
+   asks for: the class is the shape that bounces (disc, upright stick, ring, flat bar), and it sings in its
    own register, an octave apart, louder at each landing. Everything else varies independently
    of the sound, as in real video: the shape's colour, position and bounce height and rate, a
    drifting background grating of random colours, a cross gliding across in silence, noise and
@@ -37,15 +37,15 @@ from stica.eval import av_embeddings, fit_linear, hits_at_k, load_model, split_n
 from stica.tools.pack import pool_start_method
 from stica.tools.synth import write_av
 
-SHAPES = ("disc", "square", "ring", "bar")  # the classes: the shape that sounds
-REGISTERS = {"disc": 330.0, "square": 660.0, "ring": 1320.0, "bar": 2640.0}  # Hz: each shape's voice, an octave apart
+SHAPES = ("disc", "stick", "ring", "bar")  # the classes: the shape that sounds (stick: upright, bar: flat)
+REGISTERS = {"disc": 330.0, "stick": 660.0, "ring": 1320.0, "bar": 2640.0}  # Hz: each shape's voice, an octave apart
 SIZE, FPS, SECONDS, AUDIO_RATE = 64, 15, 3.0, 24000
 SIZES, SPREAD = (5.0, 13.0), 0.3  # radius range (px); its pitch range, +-octaves about the register
 
 
 def draw(shape: str, dx: np.ndarray, dy: np.ndarray, s: float) -> np.ndarray:
     r = np.hypot(dx, dy)
-    return {"disc": r < s, "square": (abs(dx) < 0.9 * s) & (abs(dy) < 0.9 * s), "ring": (r < 1.2 * s) & (r > 0.7 * s),
+    return {"disc": r < s, "stick": (abs(dx) < 0.45 * s) & (abs(dy) < 1.4 * s), "ring": (r < 1.2 * s) & (r > 0.7 * s),
             "bar": (abs(dx) < 1.4 * s) & (abs(dy) < 0.45 * s),
             "cross": ((abs(dx) < 0.25 * s) | (abs(dy) < 0.25 * s)) & (abs(dx) < s) & (abs(dy) < s)}[shape]
 
