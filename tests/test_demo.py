@@ -28,12 +28,15 @@ def landings_from_sound(audio, rate) -> np.ndarray:
     return np.array([t for i, t in enumerate(rises) if i == 0 or t - rises[i - 1] > 0.1])
 
 
+def peak_frequency(audio, rate) -> float:
+    return np.fft.rfftfreq(len(audio), 1 / rate)[np.abs(np.fft.rfft(audio)).argmax()]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_sound_sings_in_the_register_of_the_class(tmp_path, shape):
     make_video(tmp_path / "v.mp4", shape, np.random.default_rng(7))
     _, audio, rate = decode(tmp_path / "v.mp4")
-    spectrum = np.abs(np.fft.rfft(audio))
-    peak = np.fft.rfftfreq(len(audio), 1 / rate)[spectrum.argmax()]
+    peak = peak_frequency(audio, rate)
     assert REGISTERS[shape] * 2 ** -(SPREAD + 0.01) < peak < REGISTERS[shape] * 2 ** (SPREAD + 0.01)  # the size moves it
 
 
@@ -45,7 +48,7 @@ def test_a_bigger_shape_sings_lower(tmp_path):
         sizes.append(np.random.default_rng(seed).uniform(*SIZES))  # make_video's first draw
         make_video(tmp_path / f"{seed}.mp4", "stick", np.random.default_rng(seed))
         _, audio, rate = decode(tmp_path / f"{seed}.mp4")
-        peaks.append(np.fft.rfftfreq(len(audio), 1 / rate)[np.abs(np.fft.rfft(audio)).argmax()])
+        peaks.append(peak_frequency(audio, rate))
     order = np.argsort(sizes)
     assert np.ptp(sizes) > 0.4 * (SIZES[1] - SIZES[0])
     assert np.all(np.diff(np.array(peaks)[order]) < 0)

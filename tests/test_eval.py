@@ -48,7 +48,7 @@ def test_ucf_split_files_and_held_out_validation(ucf):
     sources = from_ucf101(ucf / "UCF-101", ucf / "splits", folds=[1], val_share=0.25)
     by_split = {s: sorted(x.key for x in sources if x.split == s) for s in ("fold1-train", "fold1-val", "fold1-test")}
     assert [len(v) for v in by_split.values()] == [12, 4, 9]  # 1 of 4 per class held out; 8 + 1 missing test
-    assert {s.label for s in sources if s.split == "fold1-val"} == {s.capitalize() for s in SHAPES}
+    assert {s.label for s in sources if s.split == "fold1-val"} == {shape.capitalize() for shape in SHAPES}
     assert not set(by_split["fold1-val"]) & set(by_split["fold1-train"])
     assert sources == from_ucf101(ucf / "UCF-101", ucf / "splits", folds=[1], val_share=0.25)  # deterministic
 
