@@ -1,11 +1,11 @@
 """stica-demo: the whole system on a built-in synthetic corpus, on CPU, in under 10 minutes.
 
-1. Generate videos in which what the sound shares with the picture is what the downstream task
-   asks for: the class is the shape that bounces (disc, upright stick, ring, flat bar), and it sings in its
-   own register, an octave apart, louder at each landing. Everything else varies independently
+1. Generate videos in which what the sound shares with the picture is what the downstream task asks
+   for: the class is the shape that bounces (disc, upright stick, ring, flat bar), and it sings in
+   its own register, an octave apart, louder at each landing. Everything else varies independently
    of the sound, as in real video: the shape's colour, position and bounce height and rate, a
-   drifting background grating of random colours, a cross gliding across in silence, noise and
-   a hum. Within its register the voice is lower for a bigger shape, and its swells follow the
+   drifting background grating of random colours, a cross gliding across in silence, noise and a
+   hum. Within its register the voice is lower for a bigger shape, and its swells follow the
    landings: what a clip's sound tells about its own video beyond the class.
 2. Pack them with stica-shard (Kinetics-style CSV: train, val and test splits, at 15 fps so that a
    16-frame clip spans a second and several landings).
@@ -38,7 +38,7 @@ from stica.tools.pack import pool_start_method
 from stica.tools.synth import write_av
 
 SHAPES = ("disc", "stick", "ring", "bar")  # the classes: the shape that sounds (stick: upright, bar: flat)
-REGISTERS = {"disc": 330.0, "stick": 660.0, "ring": 1320.0, "bar": 2640.0}  # Hz: each shape's voice, an octave apart
+REGISTERS = {shape: 330.0 * 2**i for i, shape in enumerate(SHAPES)}  # Hz: each shape's voice, an octave apart
 SIZE, FPS, SECONDS, AUDIO_RATE = 64, 15, 3.0, 24000
 SIZES, SPREAD = (5.0, 13.0), 0.3  # radius range (px); its pitch range, +-octaves about the register
 
