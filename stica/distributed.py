@@ -1,11 +1,18 @@
 """Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+# DDP without a buffer broadcast at every forward: torch 2.13 renamed the argument (and warns at the
+# old name); the GPU machines' 2.11 knows only the old one.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                  inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
 
 
 @dataclass(frozen=True)
@@ -13,6 +20,7 @@ class Dist:
     rank: int
     world: int
     local_rank: int
+    local_world: int  # processes on this node
     device: torch.device
 
     @property
@@ -23,7 +31,7 @@ class Dist:
 def setup(backend: str = "auto") -> Dist:
     """NCCL on GPUs, gloo on CPUs; a plain `python -m stica.train` runs as a world of one."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -31,7 +39,7 @@ def setup(backend: str = "auto") -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if (backend == "auto" and cuda) else ("gloo" if backend == "auto" else backend),
                                 device_id=device if cuda else None)
-    return Dist(rank, world, local_rank, device)
+    return Dist(rank, world, local_rank, local_world, device)
 
 
 def amp_dtype(amp: str, device: torch.device):

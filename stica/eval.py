@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stica import distributed
 from stica.config import load_config
-from stica.model import Stica
+from stica.model import Stica, time_steps
 from stica.pipelines.loader import build_loader
 
 
@@ -141,7 +141,7 @@ def av_embeddings(cfg, model, dist) -> tuple[torch.Tensor, torch.Tensor]:
     rows = {}
     for batch in build_loader(data, dist.rank, dist.world, dist.local_rank, kind="eval", backend=data.loader,
                               workers=data.workers):
-        v = in_chunks(lambda x: model.embed_map(model.video(x)), batch["video"][0][:, 0], cfg, dist.device)
+        v = in_chunks(lambda x: model.embed_video(x), batch["video"][0][:, 0], cfg, dist.device)
         a = in_chunks(model.embed_audio, batch["audio"][:, 0], cfg, dist.device)
         rows.update({k: (vi.cpu(), ai.cpu()) for k, vi, ai in zip(batch["key"], v, a)})
     rows = gather_by_key(rows, dist)
@@ -273,7 +273,7 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, clips):
-        return self.fc(self.pool(self.video(clips).mean(dim=(3, 4))))
+        return self.fc(self.pool(time_steps(self.video(clips))))
 
 
 @torch.no_grad()

@@ -3,8 +3,9 @@
 A training step has 2 + 2 x crops + 1 embeddings (4 + 18 + 1 with the paper's crops) and 116
 NCE terms. Gathering keys per term would issue one collective per term forward and one
 backward, in series with compute. Instead `Keys` stacks every embedding of the step, gathers
-them across ranks in one all_gather, and each term indexes into the result; its backward is one
-reduce-scatter.
+them across ranks in one all_gather (its backward is one reduce-scatter), and `Terms` computes
+every term of the step from it in one batched matmul and one cross-entropy: a Python loop over
+116 terms would be a loop of ~1,000 kernel launches.
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ class Keys:
     gathered once. `has_audio` rides along as an extra column, so masking silent clips out of
     the cross-modal terms costs no collective of its own."""
 
-    def __init__(self, embeddings: list[torch.Tensor], has_audio: torch.Tensor | None = None):
-        local = torch.stack(embeddings).float()  # fp32 logits: at tau=0.1 a bf16 logit resolves only ~0.06
+    def __init__(self, embeddings: torch.Tensor | list[torch.Tensor], has_audio: torch.Tensor | None = None):
+        local = (torch.stack(embeddings) if isinstance(embeddings, list) else embeddings).float()  # fp32 logits: at
+        # tau=0.1 a bf16 logit resolves only ~0.06
         B = local.shape[1]
         flags = (has_audio if has_audio is not None else torch.ones(B, dtype=torch.bool, device=local.device))
         flags = flags.to(local.device, local.dtype).view(1, B, 1).expand(local.shape[0], B, 1)
@@ -58,50 +60,75 @@ class Keys:
 
     @classmethod
     def of_step(cls, out: dict, has_audio: torch.Tensor | None = None) -> "Keys":
-        """The keys of a Stica forward's output, laid out as: audio, the views, then each view's
-        crops; `.audio`, `.video` and `.crops` hold their indices."""
-        keys = cls([out["audio"], *out["video"], *(z for zs in out["crops"] for z in zs)], has_audio)
-        keys.audio, keys.video, keys.crops = 0, list(range(1, 1 + len(out["video"]))), []
-        first = 1 + len(out["video"])
-        for zs in out["crops"]:
-            keys.crops.append(list(range(first, first + len(zs))))
-            first += len(zs)
-        return keys
+        """The keys of a Stica forward's output: the audio, then every window of every view
+        (index step_key(view, window, windows))."""
+        video = out["video"]
+        return cls(torch.cat([out["audio"][None], video.flatten(0, 1)]), has_audio)
 
-    def nce(self, q: int, k: int, temperature: float, audio_only: bool = False) -> torch.Tensor:
-        """Eq. (1) for local embedding `q` against every rank's embedding `k`; the positive of
-        query i is key i of this rank. With audio_only, clips without a soundtrack are neither
-        queries nor keys (their 'sound' is silence, shared by all of them)."""
-        if not audio_only:
-            return nce(self.local[q], self.all[k], temperature, self.offset)
-        return nce(self.local[q], self.all[k], temperature, self.offset, self.local_audio, self.all_audio)
+
+def step_key(view: int, window: int, windows: int) -> int:
+    """Where Keys.of_step puts window `window` (0: the whole map) of view `view`; the audio is 0."""
+    return 1 + view * windows + window
+
+
+AUDIO = 0
+
+
+class Terms:
+    """A fixed set of NCE terms over one step's Keys, each a (query key, key key) pair, in named
+    groups with a temperature each; a group is the mean of its terms. All terms are one gather of
+    queries and keys, one bmm and one cross-entropy, whatever their number. In `audio_only` groups
+    clips without a soundtrack are neither queries nor keys (their 'sound' is silence, shared by
+    all of them). The index tensors are built once, on the device."""
+
+    def __init__(self, groups: dict[str, list[tuple[int, int]]], temperatures: dict[str, float],
+                 audio_only: set[str] = frozenset(), device="cpu"):
+        pairs = [(q, k, 1 / temperatures[g], g in audio_only) for g, ts in groups.items() for q, k in ts]
+        self.query = torch.tensor([p[0] for p in pairs], device=device)
+        self.key = torch.tensor([p[1] for p in pairs], device=device)
+        self.scale = torch.tensor([p[2] for p in pairs], device=device).view(-1, 1, 1)
+        self.audio_only = torch.tensor([p[3] for p in pairs], device=device)
+        self.slices, start = {}, 0
+        for g, ts in groups.items():
+            self.slices[g], start = slice(start, start + len(ts)), start + len(ts)
+
+    def per_term(self, keys: Keys) -> torch.Tensor:
+        """Eq. (1) for every term (P,): -log softmax of each query's positive, key offset + i of
+        every rank's keys for local query i, averaged over the term's queries."""
+        with torch.autocast(keys.local.device.type, enabled=False):
+            queries = keys.local.index_select(0, self.query)  # P,B,E
+            logits = torch.bmm(queries, keys.all.index_select(0, self.key).transpose(1, 2)) * self.scale  # P,B,W*B
+            P, B, N = logits.shape
+            use_key = ~self.audio_only[:, None] | keys.all_audio[None]  # P,W*B
+            use_query = ~self.audio_only[:, None] | keys.local_audio[None]  # P,B
+            logits = logits.masked_fill(~use_key[:, None], float("-inf"))
+            # A left-out query's row may be all -inf: give it finite logits, then weight it out.
+            logits = torch.where(use_query[..., None], logits, 0.0)
+            targets = (torch.arange(B, device=logits.device) + keys.offset).repeat(P)
+            losses = F.cross_entropy(logits.view(P * B, N), targets, reduction="none").view(P, B)
+            weight = use_query.float()
+            return (losses * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+
+    def __call__(self, keys: Keys) -> dict[str, torch.Tensor]:
+        losses = self.per_term(keys)
+        return {g: losses[s].mean() for g, s in self.slices.items()}
 
 
 def nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, offset: int = 0,
         query_mask: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """-log softmax of the positive for unit-norm queries against keys; query i's positive is key
-    offset + i. Masked-out keys take no part; the mean runs over the unmasked queries (0 if none),
-    on the device, without a host sync. Keys carry gradients too (the released code detaches
-    them, so each direction trains its query side only)."""
-    with torch.autocast(queries.device.type, enabled=False):
-        logits = queries.float() @ keys.float().T / temperature
-        targets = torch.arange(queries.shape[0], device=queries.device) + offset
-        if key_mask is None:
-            return F.cross_entropy(logits, targets)
-        logits = logits.masked_fill(~key_mask[None], float("-inf"))
-        # A masked query's row may be all -inf: give it a finite target logit, then weight it out.
-        logits = torch.where(query_mask[:, None], logits, torch.zeros_like(logits))
-        losses = F.cross_entropy(logits, targets, reduction="none")
-        weight = query_mask.float()
-        return (losses * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def cross_modal_loss(keys: Keys, video: list[int], audio: int, temperature: float) -> torch.Tensor:
-    """L_va = L(v_L1, a) + L(v_L2, a) + L(a, v_L1) + L(a, v_L2), averaged over its terms; clips
-    without audio are left out."""
-    terms = [keys.nce(v, audio, temperature, audio_only=True) for v in video] + \
-            [keys.nce(audio, v, temperature, audio_only=True) for v in video]
-    return torch.stack(terms).mean()
+    """One term of eq. (1), on its own: -log softmax of the positive for unit-norm queries against
+    keys; query i's positive is key offset + i. Masked-out keys take no part; the mean runs over
+    the unmasked queries (0 if none). Keys carry gradients too (the released code detaches them,
+    so each direction trains its query side only). The reference the batched `Terms` is held to."""
+    logits = queries.float() @ keys.float().T / temperature
+    targets = torch.arange(queries.shape[0], device=queries.device) + offset
+    if key_mask is None:
+        return F.cross_entropy(logits, targets)
+    logits = logits.masked_fill(~key_mask[None], float("-inf"))
+    logits = torch.where(query_mask[:, None], logits, torch.zeros_like(logits))
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    weight = query_mask.float()
+    return (losses * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def within_modal_pairs(crops1: list, crops2: list, scheme: str = "all") -> list[tuple[int, int, int]]:
@@ -129,10 +156,22 @@ def within_modal_pairs(crops1: list, crops2: list, scheme: str = "all") -> list[
     return terms
 
 
-def within_modal_loss(keys: Keys, z1: list[int], z2: list[int], terms, temperature: float) -> torch.Tensor:
-    """L_vv over the directed `terms` (within_modal_pairs) between the embeddings z1[i] and
-    z2[j], averaged over them (eq. 6 sums them; averaging, as the released code does, keeps
-    lambda_vv meaningful whatever the number of crops)."""
-    terms = [keys.nce(z1[i], z2[j], temperature) if d == 0 else keys.nce(z2[j], z1[i], temperature)
-             for d, i, j in terms]
-    return torch.stack(terms).mean()
+def cross_modal_pairs(views: int, windows: int) -> list[tuple[int, int]]:
+    """L_va's terms: each of the first `views` views' whole map asking the audio, and back."""
+    whole = [step_key(v, 0, windows) for v in range(views)]
+    return [(v, AUDIO) for v in whole] + [(AUDIO, v) for v in whole]
+
+
+def stica_terms(loss_cfg, views: int, layout: list, device) -> Terms:
+    """Eq. (7)'s terms for a step of `views` views with the crop `layout` each (crops.crop_layout):
+    l_va, every view against the audio both ways (eq. 1 at temp_va; clips without audio left
+    out), and with two views l_vv, the loss.vv_pairs terms between the views' crops at temp_vv
+    (eq. 6 sums them; the mean, as the released code takes it, keeps lambda_vv meaningful
+    whatever the number of crops)."""
+    windows = 1 + len(layout) if views == 2 else 1
+    groups = {"l_va": cross_modal_pairs(views, windows)}
+    crop = lambda view, i: step_key(view, 1 + i, windows)
+    pairs = within_modal_pairs(layout, layout, loss_cfg.vv_pairs) if views == 2 else []
+    if pairs:
+        groups["l_vv"] = [(crop(0, i), crop(1, j)) if d == 0 else (crop(1, j), crop(0, i)) for d, i, j in pairs]
+    return Terms(groups, {"l_va": loss_cfg.temp_va, "l_vv": loss_cfg.temp_vv}, {"l_va"}, device)

@@ -8,24 +8,54 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stica.batchnorm import grouped_batch_norm
+
+
+class FrameConv(nn.Conv3d):
+    """A (1,k,k) Conv3d run as a 2-D convolution over the B*T frames: the same weight and
+    state_dict keys, a 2-D kernel where cuDNN would pick a 3-D one of depth 1. In channels-last
+    memory (B,T,H,W,C) the frames are a view, not a copy."""
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        y = F.conv2d(x.transpose(1, 2).reshape(B * T, C, H, W), self.weight.squeeze(2), None, self.stride[1:],
+                     self.padding[1:])
+        return y.view(B, T, *y.shape[1:]).transpose(1, 2)
+
+
+class TimeConv(nn.Conv3d):
+    """A (k,1,1) Conv3d run as a 2-D convolution with a (k,1) kernel over the (T, H*W) plane; the
+    same weight and keys. A view of the input in both memory formats."""
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        y = F.conv2d(x.reshape(B, C, T, H * W), self.weight.squeeze(-1), None, self.stride[:2], self.padding[:2])
+        return y.view(*y.shape[:3], H, W)
+
+
+# model.conv: how the (2+1)D factors run (same parameters either way; stica-bench --gpu-check times both)
+CONVS = {"conv3d": (nn.Conv3d, nn.Conv3d), "conv2d": (FrameConv, TimeConv)}
+
 
 class Conv2Plus1D(nn.Sequential):
     """A 3x3x3 convolution factored into 1x3x3 spatial then 3x1x1 temporal."""
 
-    def __init__(self, cin: int, cout: int, mid: int, stride: int = 1):
+    def __init__(self, cin: int, cout: int, mid: int, stride: int = 1, conv: str = "conv3d"):
+        spatial, temporal = CONVS[conv]
         super().__init__(
-            nn.Conv3d(cin, mid, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
+            spatial(cin, mid, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
             nn.BatchNorm3d(mid), nn.ReLU(inplace=True),
-            nn.Conv3d(mid, cout, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False))
+            temporal(mid, cout, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False))
 
 
 class VideoBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, conv: str = "conv3d"):
         super().__init__()
         # Mid-channels chosen so the factored pair has the parameters of a full 3x3x3 conv.
         mid = (cin * cout * 27) // (cin * 9 + 3 * cout)
-        self.conv1 = nn.Sequential(Conv2Plus1D(cin, cout, mid, stride), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
-        self.conv2 = nn.Sequential(Conv2Plus1D(cout, cout, mid), nn.BatchNorm3d(cout))
+        self.conv1 = nn.Sequential(Conv2Plus1D(cin, cout, mid, stride, conv), nn.BatchNorm3d(cout),
+                                   nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(Conv2Plus1D(cout, cout, mid, 1, conv), nn.BatchNorm3d(cout))
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout))
@@ -44,18 +74,21 @@ class R2Plus1D18(nn.Module):
     """Clips B,3,T,H,W -> feature map B,512,T/8,H/16,W/16 (512x4x7x7 for 30x112x112). With
     zero_init_residual, each block's last BN starts at zero, so the block starts as its skip."""
 
-    def __init__(self, width: float = 1.0, zero_init_residual: bool = False):
+    def __init__(self, width: float = 1.0, zero_init_residual: bool = False, conv: str = "conv3d"):
         super().__init__()
+        if conv not in CONVS:
+            raise ValueError(f"model.conv={conv!r}: {' | '.join(CONVS)}")
+        spatial, temporal = CONVS[conv]
         w = widths(width)
         stem = max(8, int(round(45 * width)))
         self.out_dim = w[-1]
         self.stem = nn.Sequential(
-            nn.Conv3d(3, stem, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False), nn.BatchNorm3d(stem),
+            spatial(3, stem, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False), nn.BatchNorm3d(stem),
             nn.ReLU(inplace=True),
-            nn.Conv3d(stem, w[0], (3, 1, 1), 1, (1, 0, 0), bias=False), nn.BatchNorm3d(w[0]), nn.ReLU(inplace=True))
+            temporal(stem, w[0], (3, 1, 1), 1, (1, 0, 0), bias=False), nn.BatchNorm3d(w[0]), nn.ReLU(inplace=True))
         stages, cin = [], w[0]
         for cout, stride in zip(w, (1, 2, 2, 2)):
-            stages.append(nn.Sequential(VideoBlock(cin, cout, stride), VideoBlock(cout, cout, 1)))
+            stages.append(nn.Sequential(VideoBlock(cin, cout, stride, conv), VideoBlock(cout, cout, 1, conv)))
             cin = cout
         self.stages = nn.Sequential(*stages)
         for m in self.modules():
@@ -127,19 +160,21 @@ class TransformerLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, width))
         self.dropout = dropout
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         B, T, D = x.shape
         split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+        attn = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=mask,
                                               dropout_p=self.dropout if self.training else 0.0)
         x = self.norm1(x + self.out(attn.transpose(1, 2).reshape(B, T, D)))
         return self.norm2(x + self.ffn(x))
 
 
 class TemporalPooling(nn.Module):
-    """B,D,T time steps (already averaged over space) -> B,D. With layers=0 it is the average
-    over time; otherwise a small transformer whose output at the CLS token, or at the first
-    time step as released, is the clip's feature."""
+    """N,T,D time steps (each averaged over space) -> N,D. With layers=0 it is the average over
+    time; otherwise a small transformer whose output at the CLS token, or at the first time step as
+    released, is the clip's feature. `valid` (N,T) marks the steps of sequences shorter than T
+    (time crops batched with whole maps): padding takes no part, so each sequence pools as it
+    would alone."""
 
     def __init__(self, cfg, width: int = 512):
         super().__init__()
@@ -152,17 +187,33 @@ class TemporalPooling(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, h):
+    def forward(self, x, valid=None):
         if not self.layers:
-            return h.mean(dim=2)
-        x = h.transpose(1, 2)
+            if valid is None:
+                return x.mean(dim=1)
+            w = valid.unsqueeze(-1).to(x.dtype)
+            return (x * w).sum(dim=1) / w.sum(dim=1)
         if self.pos is not None:
             x = x + self.pos.weight[: x.shape[1]]
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+            valid = None if valid is None else F.pad(valid, (1, 0), value=True)
+        mask = None if valid is None else valid[:, None, None, :]  # keys only: padded queries are never read
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, mask)
         return x[:, 0]
+
+
+def time_steps(fmap: torch.Tensor) -> torch.Tensor:
+    """A trunk map B,D,T,H,W -> B,T,D: each time step averaged over space, the pooling's input."""
+    return fmap.mean(dim=(3, 4)).transpose(1, 2)
+
+
+def window_tokens(fmaps: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """V maps B,D,T,H,W and pooling weights V,S,T,T*H*W (crops.windows) -> V,S,B,T,D: the time
+    steps of every window of every view, in one matmul."""
+    x = torch.stack(fmaps).flatten(3)  # V,B,D,T*H*W
+    return torch.einsum("vskn,vbdn->vsbkd", weights.to(x.dtype), x)
 
 
 class Head(nn.Sequential):
@@ -172,35 +223,50 @@ class Head(nn.Sequential):
         super().__init__(nn.Dropout(dropout), nn.Linear(cin, hidden, bias=False), nn.BatchNorm1d(hidden),
                          nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, out))
 
+    def forward(self, x, groups: int = 1):
+        """x holds `groups` equal runs of clips (a view, a crop): each run's BN statistics are its
+        own, as when the released code calls the head once per crop."""
+        drop1, fc1, bn, relu, drop2, fc2 = self
+        return fc2(drop2(relu(grouped_batch_norm(bn, fc1(drop1(x)), groups))))
+
 
 class Stica(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.video = R2Plus1D18(cfg.width, cfg.zero_init_residual)
+        self.video = R2Plus1D18(cfg.width, cfg.zero_init_residual, cfg.conv)
         self.audio = ResNet9Audio(cfg.width, cfg.zero_init_residual)
         self.pool = TemporalPooling(cfg.transformer, self.video.out_dim)
         self.video_head = Head(self.video.out_dim, cfg.head_hidden, cfg.embed_dim, cfg.head_dropout)
         self.audio_head = Head(self.audio.out_dim, cfg.head_hidden, cfg.embed_dim, cfg.head_dropout)
 
-    def forward(self, views: list[torch.Tensor], spec: torch.Tensor, crops: list[list] = ()) -> dict:
-        """All embeddings of a training step in one call (DDP needs its forward to see them all):
-        each view whole, each view's feature crops (crops[i] for view i), and the audio."""
+    def forward(self, views: list[torch.Tensor], spec: torch.Tensor, windows=None) -> dict:
+        """All embeddings of a training step in one call (DDP needs its forward to see them all).
+        video: V,S,B,E, window 0 of each view its whole map and windows 1.. its feature crops
+        (`windows`: the weights and valid steps of crops.windows, for views of one size; None:
+        each view's whole map only); audio: B,E."""
         fmaps = [self.video(v) for v in views]  # separate passes: BN statistics per view, as released
-        return {"video": [self.embed_map(f) for f in fmaps],
-                "crops": [[self.embed_map(c.apply(f)) for c in cs] for f, cs in zip(fmaps, crops)],
-                "audio": self.embed_audio(spec)}
+        if windows is None:
+            tokens, valid = torch.stack([time_steps(f) for f in fmaps])[:, None], None
+        else:
+            tokens, valid = window_tokens(fmaps, windows[0]), windows[1]
+        return {"video": self.embed_tokens(tokens, valid), "audio": self.embed_audio(spec)}
 
-    def embed_map(self, fmap: torch.Tensor) -> torch.Tensor:
-        """A trunk feature map, whole or feature-cropped, B,D,T,H,W -> unit-norm B,E: average over
-        space, pool over time, project. Every crop goes through the same path as the full clip."""
-        return F.normalize(self.video_head(self.pool(fmap.mean(dim=(3, 4)))), dim=1)
+    def embed_tokens(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Time steps V,S,B,T,D of S windows of V views -> unit-norm embeddings V,S,B,E: pooled over
+        time (valid: S,T), projected. Every window goes through the path of the whole clip, all in
+        one call; the head normalises each (view, window) with its own batch statistics."""
+        V, S, B, T, D = tokens.shape
+        if valid is not None:
+            valid = valid[None, :, None].expand(V, S, B, T).reshape(-1, T)
+        z = self.video_head(self.pool(tokens.reshape(-1, T, D), valid), groups=V * S)
+        return F.normalize(z, dim=1).view(V, S, B, -1)
+
+    def embed_video(self, clips: torch.Tensor) -> torch.Tensor:
+        """Whole clips B,3,T,H,W -> unit-norm B,E (the pretraining head's embedding)."""
+        return self.embed_tokens(time_steps(self.video(clips))[None, None])[0, 0]
 
     def embed_audio(self, spec: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.audio_head(self.audio(spec)), dim=1)
-
-    def video_features(self, clips: torch.Tensor) -> torch.Tensor:
-        """Unprojected clip features for evaluation (after pooling, before the head)."""
-        return self.pool(self.video(clips).mean(dim=(3, 4)))
 
 
 def feature_grid(frames: int, height: int, width: int) -> tuple[int, int, int]:

@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stica import checkpoint, distributed
 from stica.config import load_config, save_config
-from stica.crops import sample_crops
-from stica.losses import Keys, cross_modal_loss, within_modal_loss, within_modal_pairs
+from stica.batchnorm import convert_sync_batchnorm, sync_group
+from stica.crops import crop_layout, sample_crops, windows
+from stica.losses import Keys, stica_terms
 from stica.model import Stica, feature_grid
 from stica.pipelines.loader import build_loader
 
@@ -40,24 +41,34 @@ def learning_rate(step: int, cfg, peak: float, steps_per_epoch: int) -> float:
     return peak * (cfg.final_factor + (1 - cfg.final_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def stica_loss(model, batch, cfg, generator, device, channels_last: bool):
+def stica_loss(model, batch, cfg, terms, rng, device, channels_last: bool):
     """Eq. (7): weight_va * L_va + weight_vv * L_vv, with L_vv over the two views' feature crops.
-    Every embedding of the step is gathered across ranks once (losses.Keys)."""
+    Every embedding of the step is gathered across ranks once (losses.Keys), and every NCE term
+    computed in one batched call (`terms`, losses.stica_terms)."""
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     views = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in batch["video"]]
     spec = batch["audio"].to(device, non_blocking=True)
-    grid = feature_grid(*views[0].shape[2:])
-    crops = [sample_crops(cfg.crops, grid, generator) for _ in views] if len(views) == 2 else []
-    out = model(views, spec, crops)
-    keys = Keys.of_step(out, batch["has_audio"].to(device, non_blocking=True))
-    l_va = cross_modal_loss(keys, keys.video, keys.audio, cfg.loss.temp_va)
-    terms = {"l_va": l_va}
-    loss = cfg.loss.weight_va * l_va
-    pairs = within_modal_pairs(*crops, cfg.loss.vv_pairs) if crops else []
-    if pairs:
-        terms["l_vv"] = within_modal_loss(keys, *keys.crops, pairs, cfg.loss.temp_vv)
-        loss = loss + cfg.loss.weight_vv * terms["l_vv"]
-    return loss, terms
+    pooling = None
+    if len(views) == 2:
+        grid = feature_grid(*views[0].shape[2:])
+        crops = [sample_crops(cfg.crops, grid, rng) for _ in views]
+        pooling = tuple(t.to(device, non_blocking=True) for t in windows(crops, grid))
+    out = model(views, spec, pooling)
+    losses = terms(Keys.of_step(out, batch["has_audio"].to(device, non_blocking=True)))
+    loss = sum(cfg.loss[f"weight_{name.removeprefix('l_')}"] * value for name, value in losses.items())
+    return loss, losses
+
+
+def sync_batchnorm(model: Stica, train_cfg, dist):
+    """train.sync_bn: `all` BN layers (as released), the two `heads`' only, or `none` share their
+    statistics over train.sync_bn_group; each synced call is one all_reduce forward and one
+    backward, and none is a host sync (stica.batchnorm)."""
+    if train_cfg.sync_bn not in ("all", "heads", "none"):
+        raise ValueError(f"train.sync_bn={train_cfg.sync_bn!r}: all | heads | none")
+    if train_cfg.sync_bn != "none" and dist.world > 1:
+        group = sync_group(train_cfg.sync_bn_group, dist.world, dist.local_world)
+        for part in [model] if train_cfg.sync_bn == "all" else [model.video_head, model.audio_head]:
+            convert_sync_batchnorm(part, group)
 
 
 def make_optimizer(params, optim_cfg, lr, device, amp_dtype):
@@ -70,11 +81,11 @@ def make_optimizer(params, optim_cfg, lr, device, amp_dtype):
                            fused=fused or None)
 
 
-def train_step(model, batch, cfg, generator, device, channels_last, amp_dtype, optimizer, scaler):
+def train_step(model, batch, cfg, terms, rng, device, channels_last, amp_dtype, optimizer, scaler):
     """Forward, backward and update with no host-device synchronisation: the loss and its terms
     come back as device tensors, read on the log cadence."""
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss, terms = stica_loss(model, batch, cfg, generator, device, channels_last)
+        loss, terms = stica_loss(model, batch, cfg, terms, rng, device, channels_last)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)  # a fused optimizer takes the scaler's inf check on the device
@@ -140,8 +151,7 @@ def main(argv=None):
     model = Stica(cfg.model)
     if resume:  # before the DDP wrap, whose constructor broadcasts rank 0's weights anyway
         model.load_state_dict(resume["model"])
-    if cfg.train.sync_bn and dist.world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    sync_batchnorm(model, cfg.train, dist)
     model = model.to(dist.device)
     channels_last = cfg.train.channels_last and gpu
     if channels_last:  # the video trunk only: the audio trunk is 2-D
@@ -153,9 +163,12 @@ def main(argv=None):
         model.audio.compile()
     core = model
     if dist.world > 1:
-        # SyncBN keeps the statistics equal on every rank, so broadcasting buffers would be redundant.
+        # No buffer broadcast: BN's running statistics serve only evaluation, which reads rank 0's
+        # checkpoint, and a broadcast would be one more collective at every forward.
         model = DistributedDataParallel(model, device_ids=[dist.local_rank] if gpu else None,
-                                        gradient_as_bucket_view=True, broadcast_buffers=not cfg.train.sync_bn)
+                                        gradient_as_bucket_view=True, **distributed.NO_BUFFER_SYNC)
+    terms = stica_terms(cfg.loss, cfg.data.views, crop_layout(cfg.crops, feature_grid(
+        cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)), dist.device)
 
     # Optimiser (lr scaled by the global batch)
     peak_lr = cfg.optim.base_lr * global_batch / cfg.optim.base_batch
@@ -214,11 +227,11 @@ def main(argv=None):
             lr = learning_rate(step, cfg.optim, peak_lr, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            generator = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + step) * dist.world + dist.rank)
-            loss, terms = train_step(model, batch, cfg, generator, dist.device, channels_last, amp_dtype,
-                                     optimizer, scaler)
+            rng = np.random.default_rng((cfg.run.seed * 1_000_003 + step) * dist.world + dist.rank)
+            loss, losses = train_step(model, batch, cfg, terms, rng, dist.device, channels_last, amp_dtype,
+                                      optimizer, scaler)
             step += 1
-            meter.add(step, t_got - t_wait, time.perf_counter() - t_wait, loss, terms)
+            meter.add(step, t_got - t_wait, time.perf_counter() - t_wait, loss, losses)
             last = step >= total_steps
             if step % cfg.train.log_every == 0 or step % cfg.train.ckpt_every == 0 or last:
                 stopping = check_health()

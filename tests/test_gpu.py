@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from stica.config import load_config
+from stica.crops import crop_layout
+from stica.losses import stica_terms
 
 from conftest import kill_after_log_lines, level, pack_demo_corpus, pack_timecoded
 
@@ -135,7 +137,7 @@ def tiny_step_setup(amp: str, channels_last: bool, width=0.25):
     g = torch.Generator().manual_seed(1)
     batch = {"video": [torch.randn(4, 3, 30, 112, 112, generator=g) for _ in range(2)],
              "audio": torch.randn(4, 1, 257, 99, generator=g), "has_audio": torch.ones(4, dtype=torch.bool)}
-    return cfg, model, batch
+    return cfg, model, batch, stica_terms(cfg.loss, 2, crop_layout(cfg.crops, (4, 7, 7)), torch.device("cuda"))
 
 
 def test_bf16_channels_last_loss_within_one_percent_of_fp32():
@@ -144,10 +146,10 @@ def test_bf16_channels_last_loss_within_one_percent_of_fp32():
 
     losses = {}
     for amp, cl in (("none", False), ("bf16", True)):
-        cfg, model, batch = tiny_step_setup(amp, cl)
+        cfg, model, batch, terms = tiny_step_setup(amp, cl)
         dtype = amp_dtype(amp, torch.device("cuda"))
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            loss, _ = stica_loss(model.train(), batch, cfg, torch.Generator().manual_seed(2), torch.device("cuda"), cl)
+            loss, _ = stica_loss(model.train(), batch, cfg, terms, np.random.default_rng(2), torch.device("cuda"), cl)
         losses[amp] = loss.item()
     # bf16 keeps 8 bits of mantissa through 18 layers: 1.8% was measured on an H100 (2026-11-26). A
     # wrong layout or dtype path moves the loss by far more than 5%.
@@ -158,7 +160,7 @@ def run_steps(amp: str, steps: int, sync_debug: bool = False):
     from stica.distributed import amp_dtype
     from stica.train import make_optimizer, train_step
 
-    cfg, model, batch = tiny_step_setup(amp, True)
+    cfg, model, batch, terms = tiny_step_setup(amp, True)
     device = torch.device("cuda")
     optimizer = make_optimizer(model.parameters(), cfg.optim, 0.05, device, amp_dtype(amp, device))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
@@ -169,7 +171,7 @@ def run_steps(amp: str, steps: int, sync_debug: bool = False):
         if sync_debug and i > 0:  # the first step initialises cuDNN and the allocator
             torch.cuda.set_sync_debug_mode("error")
         try:
-            loss, _ = train_step(model, batch, cfg, torch.Generator().manual_seed(0), device, True,
+            loss, _ = train_step(model, batch, cfg, terms, np.random.default_rng(0), device, True,
                                  amp_dtype(amp, device), optimizer, scaler)
         finally:
             torch.cuda.set_sync_debug_mode(0)
@@ -188,6 +190,34 @@ def test_fp16_steps_with_the_grad_scaler_stay_finite_and_learn():
 def test_the_training_step_makes_no_host_sync():
     losses, _ = run_steps("bf16", 3, sync_debug=True)  # set_sync_debug_mode("error") raises on any sync
     assert all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, torch.contiguous_format),
+                                           (torch.bfloat16, torch.channels_last_3d)])
+def test_the_fused_sync_batchnorm_kernels_equal_the_plain_arithmetic(dtype, layout):
+    """stica.batchnorm's four steps run PyTorch's fused kernels on CUDA and plain ops elsewhere (the
+    CPU tests cover the plain ones at world size 2): both give the same statistics, output and
+    gradients, for fp32 and for bf16 channels-last inputs as the trainer feeds them."""
+    from stica import batchnorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8, 3, 6, 6) * 2 + 1).to(dtype)
+    g = torch.randn_like(x)
+    w, b = torch.randn(8), torch.randn(8)
+    n = torch.tensor(float(x.numel() // 8))
+    results = {}
+    for device in ("cpu", "cuda"):
+        xd, gd = (t.to(device).contiguous(memory_format=layout) for t in (x, g))
+        xd, gd = (t.float() if device == "cpu" else t for t in (xd, gd))  # the plain ops in fp32
+        wd, bd = w.to(device), b.to(device)
+        mean, invstd = batchnorm._stats(xd, 1e-5)
+        y = batchnorm._normalise(xd, wd, bd, mean, invstd, 1e-5)
+        sum_dy, sum_dy_xmu, gw, gb = batchnorm._backward_reduce(gd, xd, mean, invstd, wd)
+        gx = batchnorm._backward_elemt(gd, xd, mean, invstd, wd, sum_dy, sum_dy_xmu, n.to(device))
+        results[device] = [t.float().cpu() for t in (mean, invstd, y, sum_dy, sum_dy_xmu, gw, gb, gx)]
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    for name, cpu, cuda in zip("mean invstd y sum_dy sum_dy_xmu grad_w grad_b grad_x".split(), *results.values()):
+        torch.testing.assert_close(cuda, cpu, **tol, msg=lambda m: f"{name}: {m}")
 
 
 def test_evaluation_peak_memory_at_the_default_batch_stays_below_40_gib():

@@ -42,14 +42,17 @@ def markdown(results: dict) -> str:
            f" Paper figures: V100, batch 8, their code (Table 1f).", ""]
     if results.get("model"):
         out += ["## Model only (synthetic tensors)", "",
-                "| pooling | strategy | ms/step (min-max) | clips/s | vs Default | GPU-h/epoch | paper GPU-h (V100) | paper vs Default | peak GiB | max batch |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "Ops: the aten operations one step dispatches (forward + backward + SGD update), about one kernel "
+                "launch each on a GPU.", "",
+                "| pooling | strategy | ms/step (min-max) | clips/s | vs Default | GPU-h/epoch | paper GPU-h (V100) | paper vs Default | peak GiB | max batch | ops (fwd + bwd + update) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["model"]:
             f = lambda v, fmt: "-" if v is None else format(v, fmt)
             out.append(f"| {r['pooling']} | {r['strategy']} | {r['step_s'] * 1000:.1f} ({r['step_s_min'] * 1000:.1f}-"
                        f"{r['step_s_max'] * 1000:.1f}) | {r['clips_per_s']:.2f} | {r['relative_to_default']:.2f}x | "
                        f"{r['gpu_hours_per_epoch']:.1f} | {f(r['paper_gpu_hours_v100'], '.1f')} | "
-                       f"{f(r['paper_relative'], '.2f')} | {f(r['peak_mem_gib'], '.2f')} | {r.get('max_batch', '-')} |")
+                       f"{f(r['paper_relative'], '.2f')} | {f(r['peak_mem_gib'], '.2f')} | {r.get('max_batch', '-')} | "
+                       f"{r['ops']:,} ({r['ops_forward']:,} + {r['ops_backward']:,} + {r['ops_update']:,}) |")
         out.append("")
     if results.get("loader"):
         out += ["## Loader only (two views + spectrogram per clip, whole epochs)", "", *loader_table(results["loader"]), ""]

@@ -5,15 +5,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from stica.config import load_config
 
-from stica.crops import sample_crops
-from stica.losses import Keys, cross_modal_loss, within_modal_loss, within_modal_pairs
+from stica.crops import crop_layout, sample_crops, windows
+from stica.losses import Keys, Terms, cross_modal_pairs, stica_terms, step_key
 from stica.model import Stica, feature_grid
-from stica.tools.measure import DEFAULT_CONFIG, gpu_hours, summarize
+from stica.tools.measure import DEFAULT_CONFIG, OpCounter, gpu_hours, summarize
 
 
 @dataclass(frozen=True)
@@ -40,32 +41,33 @@ def table_1f(map_side: int = 7, map_time: int = 4) -> list[Strategy]:
     ]
 
 
-def strategy_loss(model, strategy: Strategy, views, spec, cfg, generator):
-    """The loss each strategy trains with: L_va always; within-modal terms between RGB views
-    (Multi-Crop: every pair but small-small) or between the two views' feature crops."""
-    crops = []
+def strategy_terms(cfg, strategy: Strategy, grid, device) -> Terms:
+    """The loss each strategy trains with: L_va for the full-size views always; within-modal terms
+    between the two views' feature crops, or between RGB views (Multi-Crop: every pair but
+    small-small)."""
+    if strategy.crops is not None:
+        return stica_terms(cfg.loss, 2, crop_layout(OmegaConf.create(strategy.crops), grid), device)
+    n = strategy.large + strategy.small[0]  # no feature crops: each view's whole map is its one window
+    vv = [(step_key(i, 0, 1), step_key(j, 0, 1)) for i in range(n) for j in range(n)
+          if i != j and (i < strategy.large or j < strategy.large)]
+    groups = {"l_va": cross_modal_pairs(strategy.large, 1), **({"l_vv": vv} if vv else {})}
+    return Terms(groups, {"l_va": cfg.loss.temp_va, "l_vv": cfg.loss.temp_vv}, {"l_va"}, device)
+
+
+def strategy_loss(model, strategy: Strategy, views, spec, cfg, terms: Terms, rng):
+    pooling = None
     if strategy.crops is not None:
         grid = feature_grid(*views[0].shape[2:])
-        crops = [sample_crops(OmegaConf.create(strategy.crops), grid, generator) for _ in range(2)]
-        crops += [[] for _ in views[2:]]
-    out = model(views, spec, crops)
-    keys = Keys.of_step(out)
-    loss = cfg.loss.weight_va * cross_modal_loss(keys, keys.video[:strategy.large], keys.audio, cfg.loss.temp_va)
-    if crops:
-        pairs = within_modal_pairs(crops[0], crops[1], cfg.loss.vv_pairs)
-        loss = loss + cfg.loss.weight_vv * within_modal_loss(keys, keys.crops[0], keys.crops[1], pairs,
-                                                             cfg.loss.temp_vv)
-    elif len(keys.video) > 1:
-        z, n_large = keys.video, strategy.large
-        terms = [keys.nce(z[i], z[j], cfg.loss.temp_vv) for i in range(len(z)) for j in range(len(z))
-                 if i != j and (i < n_large or j < n_large)]
-        loss = loss + cfg.loss.weight_vv * torch.stack(terms).mean()
-    return loss
+        crops = [sample_crops(OmegaConf.create(strategy.crops), grid, rng) for _ in range(2)]
+        pooling = tuple(t.to(views[0].device, non_blocking=True) for t in windows(crops, grid))
+    losses = terms(Keys.of_step(model(views, spec, pooling)))
+    return sum(cfg.loss[f"weight_{name.removeprefix('l_')}"] * value for name, value in losses.items())
 
 
 def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, device, amp, repeats: int,
                  steps: int, warmup: int) -> dict:
-    """Median step time (forward, backward, SGD) over `repeats` runs of `steps` steps."""
+    """Median step time (forward, backward, SGD) over `repeats` runs of `steps` steps, and the ops
+    one step dispatches, by phase."""
     torch.manual_seed(0)
     model = Stica(cfg.model).to(device)
     cuda = device.type == "cuda"
@@ -75,19 +77,26 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
     sizes = [size] * strategy.large + [strategy.small[1] * size // 112] * strategy.small[0]
     views = [torch.randn(batch, 3, frames, s, s, device=device).contiguous(memory_format=fmt) for s in sizes]
     spec = torch.randn(batch, 1, cfg.data.audio.n_mels, round(frames / 30 * 100) - 1, device=device)
-    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    terms = strategy_terms(cfg, strategy, feature_grid(frames, size, size), device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
-    def step():
+    def step(counter=None):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = strategy_loss(model, strategy, views, spec, cfg, generator)
+            loss = strategy_loss(model, strategy, views, spec, cfg, terms, rng)
         optimizer.zero_grad(set_to_none=True)
+        if counter:
+            counter.phase = "backward"
         loss.backward()
+        if counter:
+            counter.phase = "update"
         optimizer.step()
 
     for _ in range(warmup):
         step()
+    with OpCounter() as counter:  # after the warm-up: lazy initialisation is not the step's
+        step(counter)
     times = []
     for _ in range(repeats):
         if cuda:
@@ -99,7 +108,7 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t) / steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    return {"step_s": summarize(times), "peak_mem_gib": peak}
+    return {"step_s": summarize(times), "peak_mem_gib": peak, "ops": counter.counts}
 
 
 def largest_batch(cfg, strategy: Strategy, frames: int, size: int, device, amp, limit: int = 1024) -> int:
@@ -148,6 +157,8 @@ def run_model(p: dict, device, amp, dataset_size: int, largest_for: tuple[str, .
                    "batch": p["batch"], "step_s": step, "step_s_min": fastest, "step_s_max": slowest,
                    "spread": slowest / fastest, "clips_per_s": rate, "relative_to_default": fastest / base,
                    "gpu_hours_per_epoch": gpu_hours(dataset_size, rate), "peak_mem_gib": m["peak_mem_gib"],
+                   "ops_forward": m["ops"]["forward"], "ops_backward": m["ops"]["backward"],
+                   "ops_update": m["ops"]["update"], "ops": sum(m["ops"].values()),
                    "paper_gpu_hours_v100": s.paper_gpu_hours if layers == 0 else None,
                    "paper_relative": s.paper_gpu_hours / 17.3 if layers == 0 else None}
             # The embedding adds max_steps x 512 parameters: no batch search of its own.
@@ -155,7 +166,7 @@ def run_model(p: dict, device, amp, dataset_size: int, largest_for: tuple[str, .
                 row["max_batch"] = largest_batch(cfg, s, p["frames"], p["size"], device, amp)
             rows.append(row)
             print(f"[bench] model {row['pooling']:>34} | {s.name:<42} {step * 1000:8.1f} ms/step "
-                  f"({row['relative_to_default']:.2f}x)", flush=True)
+                  f"({row['relative_to_default']:.2f}x), {row['ops']:,} ops", flush=True)
             if row["spread"] > 1.5:
                 print(f"[bench] warning: {s.name} ({row['pooling']}): repeats span {row['spread']:.1f}x "
                       f"({fastest * 1000:.1f}-{slowest * 1000:.1f} ms); the machine was busy. The ratio to Default "

@@ -1,5 +1,5 @@
 """What every stica-bench mode shares: summaries of repeated measurements, the device's name,
-GPU-hours per epoch and CSV tables."""
+GPU-hours per epoch, CSV tables, and the count of the operations a step dispatches."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain_kinetics.yaml")
 KINETICS_TRAIN = 234_643  # the paper's copy (Non-local/PySlowFast: 234,643 train videos)
@@ -51,3 +52,40 @@ def loader_table(rows: list[dict]) -> list[str]:
                 f"{r['clips_per_s_per_core']:.1f} |")
     return ["| backend | decode | threads/workers | prefetch | clips/s (min-max) | per core |",
             "|---|---|---|---|---|---|"] + [line(r) for r in rows]
+
+
+# Ops whose result the host must read before it can go on: a value (.item(), bool(), a copy to the
+# host) or a shape that depends on the data (nonzero, boolean indexing). On a GPU each is a host sync.
+DATA_DEPENDENT = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique", "_unique2", "unique_dim",
+                  "unique_consecutive", "equal", "is_nonzero", "repeat_interleave"}
+INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active, by `phase` (forward, backward, update; set it
+    between the parts). On a GPU an eager op is about one kernel launch, 8-11 us each on an H100
+    whatever its size, so the count says what a step costs beyond its arithmetic without a GPU
+    and without drifting with the machine's load. Also lists the data-dependent ops it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "forward"
+        self.counts: dict[str, int] = {}
+        self.data_dependent: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[self.phase] = self.counts.get(self.phase, 0) + 1
+        name = func.overloadpacket.__name__
+        kwargs = kwargs or {}
+        bool_index = name in INDEXING and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                              for i in (args[1] or ()) if i is not None)
+        to_host = (name == "_to_copy" and args[0].device.type != "cpu" and str(kwargs.get("device")) == "cpu") or \
+                  (name == "copy_" and args[0].device.type == "cpu" and args[1].device.type != "cpu")
+        if (name in DATA_DEPENDENT and not (name == "repeat_interleave" and kwargs.get("output_size"))) \
+                or bool_index or to_host:
+            self.data_dependent.append(f"{self.phase}: {func}")
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
