@@ -245,11 +245,16 @@ class Stica(nn.Module):
         (`windows`: the weights and valid steps of crops.windows, for views of one size; None:
         each view's whole map only); audio: B,E."""
         fmaps = [self.video(v) for v in views]  # separate passes: BN statistics per view, as released
+        return {"video": self.embed_maps(fmaps, windows), "audio": self.embed_audio(spec)}
+
+    def embed_maps(self, fmaps: list[torch.Tensor], windows=None) -> torch.Tensor:
+        """The region after the video trunk (train.compile=heads compiles it): the trunk maps of
+        the views -> V,S,B,E, through the crop windows (or each whole map), pooling and head."""
         if windows is None:
             tokens, valid = torch.stack([time_steps(f) for f in fmaps])[:, None], None
         else:
             tokens, valid = window_tokens(fmaps, windows[0]), windows[1]
-        return {"video": self.embed_tokens(tokens, valid), "audio": self.embed_audio(spec)}
+        return self.embed_tokens(tokens, valid)
 
     def embed_tokens(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Time steps V,S,B,T,D of S windows of V views -> unit-norm embeddings V,S,B,E: pooled over

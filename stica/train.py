@@ -71,6 +71,22 @@ def sync_batchnorm(model: Stica, train_cfg, dist):
             convert_sync_batchnorm(part, group)
 
 
+def compile_regions(model: Stica, terms, regions: str, mode: str):
+    """train.compile: `trunks` (the video and audio trunks), `heads` (the region after the trunks:
+    crop windows, temporal pooling, heads, and the NCE terms), `all` (both) or `none`. Regions,
+    not the DDP wrapper: DDP splits a compiled whole at its gradient buckets, and the crop
+    positions are tensor values, so one graph serves every step. Module.compile keeps the
+    state_dict keys. `mode` is torch.compile's (reduce-overhead: CUDA graphs of each region)."""
+    if regions not in ("none", "trunks", "heads", "all"):
+        raise ValueError(f"train.compile={regions!r}: none | trunks | heads | all")
+    if regions in ("trunks", "all"):
+        model.video.compile(mode=mode)
+        model.audio.compile(mode=mode)
+    if regions in ("heads", "all"):
+        model.embed_maps = torch.compile(model.embed_maps, mode=mode)
+        terms.per_term = torch.compile(terms.per_term, mode=mode)
+
+
 def make_optimizer(params, optim_cfg, lr, device, amp_dtype):
     """SGD, fused on the GPU except under fp16: the fused kernel takes the grad scaler's inf check
     on the device (no host sync), but on a step the scaler skips it still writes the momentum
@@ -153,22 +169,18 @@ def main(argv=None):
         model.load_state_dict(resume["model"])
     sync_batchnorm(model, cfg.train, dist)
     model = model.to(dist.device)
-    channels_last = cfg.train.channels_last and gpu
+    channels_last = cfg.train.channels_last
     if channels_last:  # the video trunk only: the audio trunk is 2-D
         model.video.to(memory_format=torch.channels_last_3d)
-    if cfg.train.compile:
-        # The trunks, not the DDP wrapper: crop offsets change every step and would recompile it.
-        # Module.compile keeps the state_dict keys unchanged.
-        model.video.compile()
-        model.audio.compile()
+    terms = stica_terms(cfg.loss, cfg.data.views, crop_layout(cfg.crops, feature_grid(
+        cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)), dist.device)
+    compile_regions(model, terms, cfg.train.compile, cfg.train.compile_mode)
     core = model
     if dist.world > 1:
         # No buffer broadcast: BN's running statistics serve only evaluation, which reads rank 0's
         # checkpoint, and a broadcast would be one more collective at every forward.
         model = DistributedDataParallel(model, device_ids=[dist.local_rank] if gpu else None,
                                         gradient_as_bucket_view=True, **distributed.NO_BUFFER_SYNC)
-    terms = stica_terms(cfg.loss, cfg.data.views, crop_layout(cfg.crops, feature_grid(
-        cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)), dist.device)
 
     # Optimiser (lr scaled by the global batch)
     peak_lr = cfg.optim.base_lr * global_batch / cfg.optim.base_batch

@@ -186,3 +186,31 @@ def test_the_feature_crop_step_dispatches_at_most_1_15x_the_ops_of_two_rgb_crops
            for name in ("Two RGB crops (2x112^2)", "Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)", "Default (1x112^2)")}
     assert ops["Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)"] <= 1.15 * ops["Two RGB crops (2x112^2)"], ops
     assert ops["Two RGB crops (2x112^2)"] > ops["Default (1x112^2)"]  # a second view is never free
+
+
+def test_the_compiled_post_trunk_region_gives_the_eager_losses():
+    """train.compile=heads (crop windows, pooling, heads and the NCE terms under torch.compile, on
+    the CPU here): three steps with new crop positions each, one compiled graph, the eager losses."""
+    from stica.crops import crop_layout
+    from stica.losses import stica_terms
+    from stica.model import Stica, feature_grid
+    from stica.train import compile_regions, train_step
+
+    cfg = load_config("configs/demo.yaml", ["model.transformer.heads=2"])
+    g = torch.Generator().manual_seed(0)
+    batch = {"video": [torch.randn(4, 3, 16, 64, 64, generator=g) for _ in range(2)],
+             "audio": torch.randn(4, 1, 64, 49, generator=g), "has_audio": torch.tensor([True, True, False, True])}
+    losses = {}
+    for regions in ("none", "heads"):
+        torch.manual_seed(0)
+        model = Stica(cfg.model)
+        terms = stica_terms(cfg.loss, 2, crop_layout(cfg.crops, feature_grid(16, 64, 64)), "cpu")
+        compile_regions(model, terms, regions, "default")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        losses[regions] = [train_step(model, batch, cfg, terms, np.random.default_rng(step), torch.device("cpu"), False,
+                                      None, optimizer, torch.amp.GradScaler("cuda", enabled=False))[0].item()
+                           for step in range(3)]
+    assert losses["heads"] == pytest.approx(losses["none"], rel=1e-5)
+    assert len(set(losses["none"])) == 3  # the steps differ: new crops, updated weights
+    with pytest.raises(ValueError, match="train.compile='trunk'"):
+        compile_regions(model, terms, "trunk", "default")

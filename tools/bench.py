@@ -184,8 +184,9 @@ def main(argv=None):
     parser.add_argument("--manifest", help="take the dataset size from this stica-shard manifest's train split")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16", help="GPU only")
     parser.add_argument("--gpu-check", action="store_true",
-                        help="prove the GPU path in one command (< 8 min on one GPU): the gpu tests, the model "
-                             "preset, the loader in mixed/hybrid/cpu modes, 120 trainer steps on generated shards; "
+                        help="prove the GPU path in one command (one GPU): the gpu tests, the model "
+                             "preset, the step's levers (conv, compile), the loader in mixed/hybrid/cpu modes, 120 "
+                             "trainer steps on generated shards, the trainer at batch 8/32/largest eager and compiled; "
                              "without a GPU it runs what it can and lists what it skipped")
     parser.add_argument("--parts", default=",".join(gpu_check.PARTS),
                         help="with --gpu-check: run these parts only, merged into the report already in --out "

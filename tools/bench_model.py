@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from stica.config import load_config
-
 from stica.crops import crop_layout, sample_crops, windows
 from stica.losses import Keys, Terms, cross_modal_pairs, stica_terms, step_key
 from stica.model import Stica, feature_grid
+from stica.train import compile_regions
 from stica.tools.measure import DEFAULT_CONFIG, OpCounter, gpu_hours, summarize
 
 
@@ -71,7 +71,7 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
     torch.manual_seed(0)
     model = Stica(cfg.model).to(device)
     cuda = device.type == "cuda"
-    fmt = torch.channels_last_3d if cuda else torch.contiguous_format  # as the trainer runs it
+    fmt = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format  # as the trainer runs it
     model.video.to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=cuda or None)
     sizes = [size] * strategy.large + [strategy.small[1] * size // 112] * strategy.small[0]
@@ -79,6 +79,7 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
     spec = torch.randn(batch, 1, cfg.data.audio.n_mels, round(frames / 30 * 100) - 1, device=device)
     rng = np.random.default_rng(0)
     terms = strategy_terms(cfg, strategy, feature_grid(frames, size, size), device)
+    compile_regions(model, terms, cfg.train.compile, cfg.train.compile_mode)  # as the trainer runs it
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -95,8 +96,10 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
 
     for _ in range(warmup):
         step()
-    with OpCounter() as counter:  # after the warm-up: lazy initialisation is not the step's
-        step(counter)
+    counter = OpCounter()
+    if cfg.train.compile == "none":  # compiled regions launch generated kernels, which no dispatch mode sees
+        with counter:  # after the warm-up: lazy initialisation is not the step's
+            step(counter)
     times = []
     for _ in range(repeats):
         if cuda:
@@ -108,7 +111,7 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t) / steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    return {"step_s": summarize(times), "peak_mem_gib": peak, "ops": counter.counts}
+    return {"step_s": summarize(times), "peak_mem_gib": peak, "ops": counter.counts or None}
 
 
 def largest_batch(cfg, strategy: Strategy, frames: int, size: int, device, amp, limit: int = 1024) -> int:

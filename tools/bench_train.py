@@ -6,6 +6,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from stica.config import load_config
 from stica.tools.measure import DEFAULT_CONFIG
 
 
@@ -23,7 +24,8 @@ def run_end_to_end(shards: str, p: dict, loader: str, overrides: list[str] = ())
         records = [json.loads(l) for l in (Path(run_dir) / "log.jsonl").read_text().splitlines()][2:]
     rate = statistics.median(r["clips_per_s"] for r in records)
     wait = statistics.median(r["data_wait_pct"] for r in records)
+    cfg = load_config(DEFAULT_CONFIG, list(overrides))
     return {"loader": loader, "steps": p["e2e_steps"], "steps_timed": len(records), "clips_per_s": rate,
             "data_wait_pct": wait, "bound_by": "loader" if wait > 10 else "model", "width": p["width"],
-            "device": next((o.split("=", 1)[1] for o in overrides if o.startswith("data.device=")), "auto"),
-            "gpu_mem_gib": records[-1].get("gpu_mem_gib")}
+            "batch": p["batch"], "device": cfg.data.device, "threads": cfg.data.threads,
+            "compile": cfg.train.compile, "gpu_mem_gib": records[-1].get("gpu_mem_gib")}
