@@ -42,9 +42,8 @@ class Keys:
     gathered once. `has_audio` rides along as an extra column, so masking silent clips out of
     the cross-modal terms costs no collective of its own."""
 
-    def __init__(self, embeddings: torch.Tensor | list[torch.Tensor], has_audio: torch.Tensor | None = None):
-        local = (torch.stack(embeddings) if isinstance(embeddings, list) else embeddings).float()  # fp32 logits: at
-        # tau=0.1 a bf16 logit resolves only ~0.06
+    def __init__(self, embeddings: torch.Tensor, has_audio: torch.Tensor | None = None):
+        local = embeddings.float()  # K,B,E; fp32 logits: at tau=0.1 a bf16 logit resolves only ~0.06
         B = local.shape[1]
         flags = (has_audio if has_audio is not None else torch.ones(B, dtype=torch.bool, device=local.device))
         flags = flags.to(local.device, local.dtype).view(1, B, 1).expand(local.shape[0], B, 1)
@@ -66,12 +65,12 @@ class Keys:
         return cls(torch.cat([out["audio"][None], video.flatten(0, 1)]), has_audio)
 
 
+AUDIO = 0  # where Keys.of_step puts the audio
+
+
 def step_key(view: int, window: int, windows: int) -> int:
-    """Where Keys.of_step puts window `window` (0: the whole map) of view `view`; the audio is 0."""
+    """Where Keys.of_step puts window `window` (0: the whole map) of view `view`."""
     return 1 + view * windows + window
-
-
-AUDIO = 0
 
 
 class Terms:

@@ -13,8 +13,8 @@ from stica.batchnorm import grouped_batch_norm
 
 class FrameConv(nn.Conv3d):
     """A (1,k,k) Conv3d run as a 2-D convolution over the B*T frames: the same weight and
-    state_dict keys, a 2-D kernel where cuDNN would pick a 3-D one of depth 1. In channels-last
-    memory (B,T,H,W,C) the frames are a view, not a copy."""
+    state_dict keys, a 2-D kernel instead of a 3-D one of depth 1. In channels-last memory
+    (B,T,H,W,C) the frames are a view, not a copy."""
 
     def forward(self, x):
         B, C, T, H, W = x.shape

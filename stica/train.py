@@ -101,12 +101,12 @@ def train_step(model, batch, cfg, terms, rng, device, channels_last, amp_dtype, 
     """Forward, backward and update with no host-device synchronisation: the loss and its terms
     come back as device tensors, read on the log cadence."""
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss, terms = stica_loss(model, batch, cfg, terms, rng, device, channels_last)
+        loss, losses = stica_loss(model, batch, cfg, terms, rng, device, channels_last)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)  # a fused optimizer takes the scaler's inf check on the device
     scaler.update()
-    return loss.detach(), {k: v.detach() for k, v in terms.items()}
+    return loss.detach(), {k: v.detach() for k, v in losses.items()}
 
 
 class StopRequest:

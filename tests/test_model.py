@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from stica.config import load_config
 from stica.crops import crop_layout, sample_crops, windows
-from stica.losses import AUDIO, Keys, Terms, nce, stica_terms, step_key, within_modal_pairs
+from stica.losses import Keys, Terms, nce, stica_terms, within_modal_pairs
 from stica.model import Stica, feature_grid, time_steps
 
 CONFIG = "configs/pretrain_kinetics.yaml"
@@ -281,7 +281,7 @@ def _gather_worker(rank, world, port, q, k, out_dir):
     n = q.shape[0] // world
     ql = q[rank * n:(rank + 1) * n].clone().requires_grad_()
     kl = k[rank * n:(rank + 1) * n].clone().requires_grad_()
-    Terms({"t": [(0, 1)]}, {"t": 0.2})(Keys([ql, kl]))["t"].backward()
+    Terms({"t": [(0, 1)]}, {"t": 0.2})(Keys(torch.stack([ql, kl])))["t"].backward()
     torch.save(torch.cat([ql.grad, kl.grad], dim=1), out_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
 
