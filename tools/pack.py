@@ -13,7 +13,6 @@ import collections
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import pickle
 import re
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from stica.shards import FORMAT_VERSION, MEMBERS, part_tag, shard_name
 from stica.tools.sources import MAX_KEY, Source, class_list
+from stica.tools.supervise import supervised_map
 from stica.tools.transcode import PackError, PackOptions, transcode
 
 
@@ -120,9 +120,11 @@ def pool_start_method() -> str:
 
 def pack_split(sources: list[Source], split: str, out: Path, classes: list[str], opts: PackOptions,
                seed: int, shard_bytes: int, shard_samples: int | None, workers: int,
-               shared: set[str] = frozenset(), part: tuple[int, int] | None = None) -> dict:
+               shared: set[str] = frozenset(), part: tuple[int, int] | None = None,
+               video_timeout: float = 600.0) -> dict:
     """`shared`: the source paths listed in other splits too (transcoded once, through a cache).
-    `part`: (I, N) when this is part I of a job packed on N machines into one --out."""
+    `part`: (I, N) when this is part I of a job packed on N machines into one --out.
+    `video_timeout`: seconds one video may take before its worker is replaced and it is reported."""
     tag = part_tag(part)
     journal_path = out / f"_journal-{split}{tag}.jsonl"
     journal = read_journal(journal_path)
@@ -159,8 +161,9 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
     first_use = {}
     for s in sources:  # sorted by (key, path): of two inputs with one key, the first path wins
         first_use.setdefault(s.key, s.path)
-    pool = multiprocessing.get_context(pool_start_method()).Pool(workers) if workers > 1 else None
-    results = pool.imap(_work, jobs) if pool else map(_work, jobs)
+    # Worker processes even for one worker: a decoder that segfaults or hangs costs its video, not the job.
+    results = supervised_map(_work, jobs, workers, video_timeout, lambda job, failure: (job[0], None, failure),
+                             pool_start_method())
     try:
         for position, (source, result, failure) in enumerate(results, start=start + 1):
             if failure is None and first_use[source.key] != source.path:
@@ -185,8 +188,7 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
             publish(writer, failures, len(ordered))
     finally:
         bar.close()
-        if pool:
-            pool.terminate()
+        results.close()  # stops the workers
     return summarize(read_journal(journal_path))
 
 
@@ -206,7 +208,7 @@ def in_part(source: Source, part: tuple[int, int]) -> bool:
 
 def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0,
         shard_bytes: int = 1 << 30, shard_samples: int | None = None, workers: int = 1,
-        part: tuple[int, int] | None = None) -> dict:
+        part: tuple[int, int] | None = None, video_timeout: float = 600.0) -> dict:
     """Pack `sources` into `out`; with part=(I, N), only part I of N (see in_part) and its own
     journals, then `merge` once every part is done."""
     out = Path(out)
@@ -230,7 +232,7 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
     for split in sorted({s.split for s in sources}):
         members = sorted((s for s in sources if s.split == split), key=lambda s: (s.key, s.path))
         splits[split] = pack_split(members, split, out, classes, opts, seed, shard_bytes, shard_samples, workers,
-                                   shared, part)
+                                   shared, part, video_timeout)
     shutil.rmtree(out / f"_transcoded{tag}", ignore_errors=True)  # every split is written: the cache has served
 
     failures = [f for s in splits.values() for f in s.pop("failures")]

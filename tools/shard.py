@@ -9,6 +9,7 @@ import re
 import sys
 import time
 
+from stica.tools.supervise import StartError
 from stica.tools.transcode import PackOptions
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each UCF-101/HMDB-51 training list held out as foldN-val (model selection)")
     p.add_argument("--out", required=True, help="output directory for shards, manifest and failures")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel transcoders (default: all cores)")
+    p.add_argument("--video-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a video still transcoding after this long is reported (stage: timeout) and its worker "
+                        "replaced (default: 600)")
     p.add_argument("--part", type=parse_part, default=None, metavar="I/N",
                    help="pack part I (0-based) of N into the shared --out, e.g. from a SLURM array "
                         "(--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); then `stica-shard merge OUT`")
@@ -98,8 +102,13 @@ def pack(args) -> int:
                        allow_no_audio=args.allow_no_audio or split_files, max_lost_share=args.max_lost_share,
                        max_lost_seconds=args.max_lost_seconds)
     start = time.perf_counter()
-    result = job.run(sources, args.out, opts, seed=args.seed, shard_bytes=args.shard_size,
-                     shard_samples=args.shard_samples, workers=max(1, args.workers), part=args.part)
+    try:
+        result = job.run(sources, args.out, opts, seed=args.seed, shard_bytes=args.shard_size,
+                         shard_samples=args.shard_samples, workers=max(1, args.workers), part=args.part,
+                         video_timeout=args.video_timeout)
+    except StartError as e:
+        print(f"stica-shard pack: {e}", file=sys.stderr)
+        return 2
     packed = ", ".join(f"{split}: {n}" for split, n in result["packed"].items())
     stages = collections.Counter(f["stage"] for f in result["failures"])
     if result["concealed"]:
