@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,33 +65,46 @@ class DaliLoader:
     """
 
     def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
-                 state: dict | None = None):
+                 state: dict | None = None, bad_samples: list[dict] = ()):
+        from stica.pipelines.damaged import Substitutes
+
         self.cfg, self.rank, self.world, self.local_rank, self.kind = cfg, rank, world, local_rank, kind
         self.opts = load_manifest(cfg.shards)["options"]
         self.device = resolve_device(cfg.device, self.opts["codec"], self.opts["short_side"], cfg.shards)
         self.video_names = [f"view{i}" for i in range(cfg.views)] if kind == "pretrain" else ["video"]
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
-        self._next = self._build(self.epoch)
+        self.substitutes, self.bad_samples, self.new_bad_samples = Substitutes(), [], []
+        for record in bad_samples:
+            self.add_bad_sample(record)
+        self._next = self._open(self.epoch)
         self._length = len(self._next)
+
+    def _reader(self, epoch: int) -> dict:
+        """What an epoch's reader reads and how it draws: the same for its training pipeline and
+        for the reader-only replay that finds a damaged sample."""
+        tars, idxs = shard_paths(self.cfg.shards, self.cfg.split)
+        return {"tars": tars, "idxs": self.substitutes.index_paths(tars, idxs),
+                "shard_id": (self.rank + epoch) % self.world if self.kind == "pretrain" else self.rank,
+                "seed": (self.cfg.seed + 7919 * self.rank + 104729 * epoch) % 2**31}
 
     def _build(self, epoch: int):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         cfg = self.cfg
-        tars, idxs = shard_paths(cfg.shards, cfg.split)
+        reader = self._reader(epoch)
         common = dict(batch_size=cfg.batch_size, num_threads=cfg.threads, prefetch_queue_depth=cfg.prefetch,
                       device_id=self.local_rank if self.device != "cpu" else None, exec_dynamic=True,
-                      seed=(cfg.seed + 7919 * self.rank + 104729 * epoch) % 2**31)
-        args = (tars, idxs, cfg, self.opts["seg_frames"], self.opts["fps"])
+                      seed=reader["seed"])
+        args = (reader["tars"], reader["idxs"], cfg, self.opts["seg_frames"], self.opts["fps"])
         if self.kind == "pretrain":
             from stica.pipelines.pretrain import pretrain_pipeline
 
-            pipe = pretrain_pipeline(*args, (self.rank + epoch) % self.world, self.world, self.device, **common)
+            pipe = pretrain_pipeline(*args, reader["shard_id"], self.world, self.device, **common)
         else:
             from stica.pipelines.evaluation import eval_pipeline
 
-            pipe = eval_pipeline(*args, self.rank, self.world, self.device, **common)
+            pipe = eval_pipeline(*args, reader["shard_id"], self.world, self.device, **common)
         pipe.build()
         names = self.video_names + ["audio", "label", "has_audio", "start", "key"]
         # Training drops the incomplete last batch (equal step counts on every rank); evaluation
@@ -108,20 +122,76 @@ class DaliLoader:
         return {"epoch": self.epoch, "batch": self.batch}
 
     def __iter__(self):
-        iterator, self._next = self._next or self._build(self.epoch), None
-        skip = self.batch
-        for i, (batch,) in enumerate(iterator):
-            if i < skip:
+        iterator, self._next = self._next, None
+        skip, position = self.batch, 0
+        while True:
+            iterator = iterator or self._open(self.epoch)
+            try:
+                (batch,) = next(iterator)
+            except StopIteration:
+                break
+            except RuntimeError as error:  # DALI lost the batch, and with it the pipeline
+                if self.kind != "pretrain":
+                    raise
+                iterator = None
+                self._replace_damaged(position, error)
+                skip, position = position, 0  # rebuilt, the epoch replays to the failed batch
                 continue
-            self.batch = i + 1
+            position += 1
+            if position <= skip:
+                continue
+            self.batch = position
             out = {k: v for k, v in batch.items() if k not in self.video_names and k != "key"}
             out["video"] = [batch[k] for k in self.video_names]
             out["label"], out["has_audio"] = out["label"].long(), out["has_audio"].bool()
             out["key"] = keys_from_source_info(batch["key"])
             yield out
         self.epoch, self.batch = self.epoch + 1, 0
-        del iterator, batch
+        del iterator
         release_finished_pipeline()
+
+    def _open(self, epoch: int):
+        """The epoch's iterator. DALI runs the first batches as it builds one, so a damaged sample
+        there fails the build: replace it and build again."""
+        while True:
+            try:
+                return self._build(epoch)
+            except RuntimeError as error:
+                if self.kind != "pretrain":
+                    raise
+                self._replace_damaged(0, error)
+
+    def add_bad_sample(self, record: dict):
+        """A sample no epoch of this loader reads again: a valid one of its shard stands in for it."""
+        if any(r["shard"] == record["shard"] and r["key"] == record["key"] for r in self.bad_samples):
+            return
+        self.bad_samples.append(record)
+        self.substitutes.add(str(Path(self.cfg.shards) / record["shard"]), record["offset"], record["key"])
+
+    def _replace_damaged(self, position: int, error: RuntimeError):
+        """Name the samples of batch `position` (or of the batches DALI had prefetched past it)
+        that DALI cannot decode and have valid ones stand in for them (pipelines/damaged.py)."""
+        from stica.pipelines.damaged import batch_members, probe
+
+        reader = self._reader(self.epoch)
+        found = []
+        for batch in range(position, position + 1 + self.cfg.prefetch):  # an error may surface early
+            members = batch_members(reader["tars"], reader["idxs"], self.cfg.batch_size, reader["shard_id"],
+                                    self.world, self.cfg.shuffle_buffer, reader["seed"], batch)
+            for m in members:
+                reason = probe(m, "mixed" if self.device == "mixed" else "cpu", self.cfg.audio.rate, self.local_rank)
+                if reason:
+                    found.append({"shard": Path(m["tar"]).name, "key": m["key"], "offset": m["offset"],
+                                  "reason": reason, "epoch": self.epoch, "batch": batch, "rank": self.rank})
+            if found:
+                break
+        if not found:  # no sample is to blame: the error is DALI's or the machine's
+            raise error
+        for record in found:
+            print(f"[stica.loader] rank {self.rank}: {record['shard']} sample {record['key']} cannot be decoded "
+                  f"({record['reason']}); a valid sample of its shard stands in for it from now on", flush=True)
+            self.add_bad_sample(record)
+            self.new_bad_samples.append(record)
 
 
 def release_finished_pipeline():
@@ -153,12 +223,12 @@ _libc = _glibc()
 
 
 def build_loader(cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
-                 backend: str = "dali", workers: int = 2, state: dict | None = None):
+                 backend: str = "dali", workers: int = 2, state: dict | None = None, bad_samples: list[dict] = ()):
     """backend: 'dali' (the product), 'reference' (PyAV + torch in DataLoader workers) or
     'torchcodec' (the reference loader decoding with torchcodec); state: a loader.state_dict()
-    to continue from (resuming a run)."""
+    to continue from (resuming a run); bad_samples: damaged samples found earlier (DALI only)."""
     if backend == "dali":
-        return DaliLoader(cfg, rank, world, local_rank, kind, state=state)
+        return DaliLoader(cfg, rank, world, local_rank, kind, state=state, bad_samples=bad_samples)
     if backend in ("reference", "torchcodec"):
         from stica.pipelines.reference import ReferenceLoader
 

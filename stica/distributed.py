@@ -47,15 +47,16 @@ def amp_dtype(amp: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
 
 
-def any_rank(first_bad: torch.Tensor, stop: bool, device: torch.device) -> tuple[int, bool]:
-    """One all-reduce and one host read: the first non-finite step seen on any rank (0 if none)
-    and whether any rank was asked to stop. Every rank learns both together, so all stop together."""
+def any_rank(first_bad: torch.Tensor, stop: bool, device: torch.device, news: int = 0) -> tuple[int, bool, bool]:
+    """One all-reduce and one host read: the first non-finite step seen on any rank (0 if none),
+    whether any rank was asked to stop, and whether any has news to share (damaged samples it
+    found). Every rank learns all three together, so all act together."""
     flags = torch.stack([torch.where(first_bad > 0, -first_bad, torch.iinfo(torch.long).min),
-                         torch.tensor(int(stop), device=device)]).to(device)
+                         torch.tensor(int(stop), device=device), torch.tensor(news, device=device)]).to(device)
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad, stopping = flags.tolist()
-    return (-bad if bad != torch.iinfo(torch.long).min else 0), bool(stopping)
+    bad, stopping, any_news = flags.tolist()
+    return (-bad if bad != torch.iinfo(torch.long).min else 0), bool(stopping), bool(any_news)
 
 
 def broadcast_object(obj):

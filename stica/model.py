@@ -18,8 +18,8 @@ class FrameConv(nn.Conv3d):
 
     def forward(self, x):
         B, C, T, H, W = x.shape
-        y = F.conv2d(x.transpose(1, 2).reshape(B * T, C, H, W), self.weight.squeeze(2), None, self.stride[1:],
-                     self.padding[1:])
+        weight = self.weight.view(*self.weight.shape[:2], *self.weight.shape[3:])
+        y = F.conv2d(x.transpose(1, 2).reshape(B * T, C, H, W), weight, None, self.stride[1:], self.padding[1:])
         return y.view(B, T, *y.shape[1:]).transpose(1, 2)
 
 
@@ -29,7 +29,9 @@ class TimeConv(nn.Conv3d):
 
     def forward(self, x):
         B, C, T, H, W = x.shape
-        y = F.conv2d(x.reshape(B, C, T, H * W), self.weight.squeeze(-1), None, self.stride[:2], self.padding[:2])
+        # view, not squeeze: the weight's gradient then keeps the parameter's strides, as DDP's buckets expect
+        y = F.conv2d(x.reshape(B, C, T, H * W), self.weight.view(self.weight.shape[:4]), None, self.stride[:2],
+                     self.padding[:2])
         return y.view(*y.shape[:3], H, W)
 
 

@@ -154,7 +154,8 @@ def main(argv=None):
 
     # Data
     loader = build_loader(cfg.data, dist.rank, dist.world, dist.local_rank, backend=cfg.data.loader,
-                          workers=cfg.data.workers, state=loader_state)
+                          workers=cfg.data.workers, state=loader_state,
+                          bad_samples=resume.get("bad_samples", []) if resume else [])
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise SystemExit(f"{cfg.data.shards}: fewer samples per rank than data.batch_size={cfg.data.batch_size}")
@@ -210,8 +211,22 @@ def main(argv=None):
     def check_health():
         """The one host sync of a log window: every rank learns whether any rank saw a
         non-finite loss or a stop request since the last check. Checked before every save,
-        so a checkpoint never holds weights updated by a non-finite loss."""
-        bad_step, stopping = distributed.any_rank(meter.first_bad, stop.signal is not None, dist.device)
+        so a checkpoint never holds weights updated by a non-finite loss. Damaged samples a rank
+        found since (named and replaced by its loader) go to every rank, so no rank trips on
+        them in a later epoch, and into bad_samples.jsonl."""
+        found = getattr(loader, "new_bad_samples", [])
+        bad_step, stopping, news = distributed.any_rank(meter.first_bad, stop.signal is not None, dist.device,
+                                                        len(found))
+        if news:
+            records = [r for rank in distributed.gather_objects(list(found)) for r in rank]
+            found.clear()
+            for record in records:
+                loader.add_bad_sample(record)
+            if dist.main:
+                with open(run_dir / "bad_samples.jsonl", "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+                log.info(f"{len(records)} damaged sample(s) replaced: {', '.join(r['key'] for r in records)} "
+                         f"(see {run_dir / 'bad_samples.jsonl'})")
         if bad_step:
             log.info(f"non-finite loss at step {bad_step} (window means: {meter.means()}); stopping. The last "
                      f"good checkpoint ({run_dir / checkpoint.LATEST}, step {saved}) is kept: lower "
@@ -228,6 +243,7 @@ def main(argv=None):
             checkpoint.save(run_dir, {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                                       "scaler": scaler.state_dict(), "step": step, "loader": loader.state_dict(),
                                       "world": dist.world, "samples_seen": step * global_batch,
+                                      "bad_samples": getattr(loader, "bad_samples", []),
                                       "rng": rng, "config": OmegaConf.to_container(cfg, resolve=True)}, keep_as)
 
     # Loop
@@ -248,7 +264,8 @@ def main(argv=None):
             if step % cfg.train.log_every == 0 or step % cfg.train.ckpt_every == 0 or last:
                 stopping = check_health()
                 if step % cfg.train.log_every == 0 or last:
-                    log.step(step, total_steps, loader.epoch, lr, meter, global_batch, dist.device)
+                    log.step(step, total_steps, loader.epoch, lr, meter, global_batch, dist.device,
+                             len(getattr(loader, "bad_samples", [])))
                 if stopping:  # a scheduler's notice: save this step, then leave
                     save()
                     log.info(f"{stop.signal or 'stop request on another rank'}: saved step {step}; rerun the "
@@ -312,7 +329,7 @@ class Logger:
         if self.main:
             print(f"[stica.train] {text}", flush=True)
 
-    def step(self, step, total, epoch, lr, m: Meter, global_batch, device):
+    def step(self, step, total, epoch, lr, m: Meter, global_batch, device, bad_samples: int = 0):
         if not self.main:
             m.reset()
             return
@@ -321,7 +338,8 @@ class Logger:
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         means = m.means()
         record = {"step": step, "epoch": epoch, **means, "lr": lr, "clips_per_s": rate,
-                  "data_wait_pct": 100 * m.wait / max(m.total, 1e-9), "gpu_mem_gib": memory, "time": time.time()}
+                  "data_wait_pct": 100 * m.wait / max(m.total, 1e-9), "gpu_mem_gib": memory,
+                  "bad_samples": bad_samples, "time": time.time()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         eta = (total - step) * elapsed / m.steps

@@ -39,7 +39,7 @@ def test_the_2d_convolutions_are_the_3d_ones_with_the_same_weights(memory_format
     """model.conv=conv2d runs the (1,k,k) and (k,1,1) factors as 2-D convolutions (over frames, over
     the T x H*W plane): the state_dict keys and shapes are conv3d's (so export is unchanged) and
     the trunk's outputs and weight gradients equal conv3d's, strides included."""
-    from stica.model import R2Plus1D18
+    from stica.model import FrameConv, R2Plus1D18, TimeConv
 
     torch.manual_seed(0)
     # float64: the two orders of summation then agree to ~1e-12 (fp32 leaves ~1e-5 of the largest gradient)
@@ -55,6 +55,9 @@ def test_the_2d_convolutions_are_the_3d_ones_with_the_same_weights(memory_format
         y.square().sum().backward()
     for (name, p3), p2 in zip(three.named_parameters(), two.parameters()):
         torch.testing.assert_close(p2.grad, p3.grad, rtol=1e-9, atol=1e-8, msg=lambda m: f"{name}: {m}")
+    for name, m in two.named_modules():  # DDP's bucket views expect a gradient in its parameter's layout
+        if isinstance(m, (FrameConv, TimeConv)):
+            assert m.weight.grad.stride() == m.weight.stride(), name
     with pytest.raises(ValueError, match="model.conv='conv1d'"):
         R2Plus1D18(0.125, conv="conv1d")
 

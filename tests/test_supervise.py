@@ -46,7 +46,7 @@ def test_workers_that_cannot_start_are_a_clear_error_not_a_hang(tmp_path):
     out = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parents[1])
     assert out.returncode != 0
-    assert "did not start" in out.stderr and "save the script to a file" in out.stderr, out.stderr[-1000:]
+    assert "did not start" in out.stderr and "must be saved to a file" in out.stderr, out.stderr[-1000:]
     with pytest.raises(StartError):
         raise StartError("type check")
 

@@ -135,3 +135,45 @@ def test_a_misspelt_key_is_an_error_naming_the_closest_keys(config, tmp_path):
         load_config(child)
     with pytest.raises(Exception):
         cfg.data.batchsize = 4
+
+
+def damage(shards, index: int) -> str:
+    """Zero the first bytes of every video segment of one sample, in place: the tar and its index
+    stay valid, and no clip of that sample decodes."""
+    from stica.shards import parse_info, read_index, shard_paths
+
+    tars, idxs = shard_paths(shards, "train")
+    key, members = read_index(idxs[0])[index]
+    with open(tars[0], "r+b") as f:
+        f.seek(members["info"][0])
+        _, offsets = parse_info(f.read(members["info"][1]))
+        for start in offsets[:-1]:
+            f.seek(members["segs"][0] + int(start))
+            f.write(bytes(64))
+    return key
+
+
+def test_a_damaged_sample_is_named_replaced_and_known_after_resume(tmp_path):
+    """A sample DALI cannot decode, on 2 processes: the run goes on (ranks in step), the sample is
+    named with its shard and DALI's reason in bad_samples.jsonl and counted in log.jsonl; the
+    resumed run knows it and does not trip on it again."""
+    shards = pack_demo_corpus(tmp_path / "corpus", train=16, val=4)
+    key = damage(shards, 5)
+    run = tmp_path / "run"
+    out = subprocess.run(train_cmd(shards, run, "train.max_steps=3", procs=2), env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = [json.loads(l) for l in (run / "bad_samples.jsonl").read_text().splitlines()]
+    assert record["key"] == key and record["shard"] == "train-000000.tar" and record["epoch"] == 0
+    assert "Failed to create video decoder" in record["reason"] and record["reason"].startswith("segment 0 of")
+    assert f"1 damaged sample(s) replaced: {key}" in out.stdout
+    records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["bad_samples"] == 1
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["bad_samples"] == [record]
+
+    out = subprocess.run(train_cmd(shards, run, "train.max_steps=6", procs=2), env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "at step 3" in out.stdout and "cannot be decoded" not in out.stdout + out.stderr
+    assert len((run / "bad_samples.jsonl").read_text().splitlines()) == 1
+    assert [json.loads(l)["step"] for l in (run / "log.jsonl").read_text().splitlines()][-3:] == [4, 5, 6]

@@ -54,9 +54,9 @@ class _Worker:
             self.process.kill()
             self.process.join()
             raise StartError(f"a worker process did not start ({_death(self.process.exitcode)}, "
-                             f"{ctx.get_start_method()} start method). If this runs from a script on stdin "
-                             f"(python - <<EOF), save the script to a file: worker processes re-import the main "
-                             f"module")
+                             f"{ctx.get_start_method()} start method). Worker processes re-import the main "
+                             f"module: a script needs its work under `if __name__ == \"__main__\":`, and one "
+                             f"read on stdin (python - <<EOF) must be saved to a file first")
 
     def give(self, index: int, job):
         self.job, self.started = index, time.monotonic()
