@@ -41,16 +41,17 @@ def _transcode(source: Source, label_index: int, opts: PackOptions):
 
 def _work(args):
     """Transcode one source; one listed in several splits (UCF-101's three folds) is transcoded
-    once, its result (or failure) kept in `cache` for the other splits."""
+    once, its result (or failure) kept in `cache` for the other splits. The last value says
+    whether it was transcoded here (False: taken from the cache)."""
     source, label_index, opts, cache = args
     if cache is None:
-        return (source, *_transcode(source, label_index, opts))
+        return (source, *_transcode(source, label_index, opts), True)
     path = cache / (hashlib.sha1(f"{source.path}\0{source.key}\0{label_index}".encode()).hexdigest() + ".pkl")
     if path.exists():
-        return (source, *pickle.loads(path.read_bytes()))
+        return (source, *pickle.loads(path.read_bytes()), False)
     outcome = _transcode(source, label_index, opts)
     _write_atomic(path, pickle.dumps(outcome))
-    return (source, *outcome)
+    return (source, *outcome, True)
 
 
 def _write_atomic(path: Path, data: bytes):
@@ -162,10 +163,12 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
     for s in sources:  # sorted by (key, path): of two inputs with one key, the first path wins
         first_use.setdefault(s.key, s.path)
     # Worker processes even for one worker: a decoder that segfaults or hangs costs its video, not the job.
-    results = supervised_map(_work, jobs, workers, video_timeout, lambda job, failure: (job[0], None, failure),
+    results = supervised_map(_work, jobs, workers, video_timeout, lambda job, failure: (job[0], None, failure, True),
                              pool_start_method())
+    transcoded = 0
     try:
-        for position, (source, result, failure) in enumerate(results, start=start + 1):
+        for position, (source, result, failure, fresh) in enumerate(results, start=start + 1):
+            transcoded += fresh
             if failure is None and first_use[source.key] != source.path:
                 failure = {"stage": "list", "reason": f"duplicate key {source.key!r}, also {first_use[source.key]}"}
             if failure is not None:
@@ -189,7 +192,7 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
     finally:
         bar.close()
         results.close()  # stops the workers
-    return summarize(read_journal(journal_path))
+    return {**summarize(read_journal(journal_path)), "transcoded": transcoded}
 
 
 def summarize(journal: list[dict]) -> dict:
@@ -238,7 +241,8 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
     failures = [f for s in splits.values() for f in s.pop("failures")]
     failed_paths = {f["path"] for f in failures}
     source_bytes = sum(os.path.getsize(s.path) for s in sources if s.path not in failed_paths)
-    summary = {"packed": {k: v["samples"] for k, v in splits.items()}, "failures": failures,
+    transcoded = sum(v.pop("transcoded") for v in splits.values())
+    summary = {"packed": {k: v["samples"] for k, v in splits.items()}, "failures": failures, "transcoded": transcoded,
                "concealed": sum(len(v["concealed"]) for v in splits.values()),
                "shard_bytes": sum(v["bytes"] for v in splits.values()), "source_bytes": source_bytes}
     if part is not None:  # this part is complete: merge writes the manifest once all are

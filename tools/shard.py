@@ -111,6 +111,9 @@ def pack(args) -> int:
         return 2
     packed = ", ".join(f"{split}: {n}" for split, n in result["packed"].items())
     stages = collections.Counter(f["stage"] for f in result["failures"])
+    listed = sum(result["packed"].values()) + len(result["failures"])
+    if result["transcoded"] < listed:  # videos listed in several splits (UCF-101's folds) are transcoded once
+        print(f"transcoded {result['transcoded']} videos for {listed} split entries (the rest from the cache)")
     if result["concealed"]:
         print(f"{result['concealed']} video(s) packed with corrupt packets concealed: see 'concealed' in "
               f"{args.out}/manifest.json")
