@@ -26,6 +26,14 @@ def read_shards(tars, idxs, shard_id, num_shards, shuffle: bool, shuffle_buffer:
     return segs, flac, info, key
 
 
+def parse_source_info(raw) -> tuple[str, int, str]:
+    """read_shards' key output (zero-padded bytes of 'path/shard.tar:offset:KEY.segs') ->
+    (tar path, offset of the video member in it, KEY)."""
+    text = bytes(np.asarray(raw, dtype=np.uint8)).rstrip(b"\0").decode()
+    path, offset, name = text.rsplit(":", 2)
+    return path, int(offset), name.split(".", 1)[0]
+
+
 def output_dtype(cfg, mode: str):
     """fp16 clips only on the GPU paths, where the model consumes them under autocast."""
     return types.FLOAT16 if (cfg.fp16 and mode != "cpu") else types.FLOAT

@@ -21,15 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stica.pipelines.clips import read_shards
+from stica.pipelines.clips import parse_source_info, read_shards
 from stica.shards import read_index, split_segments
-
-
-def source_of(key_bytes) -> tuple[str, int]:
-    """DALI's source_info 'path/shard.tar:offset:KEY.segs' -> (tar path, offset of the segs member)."""
-    text = bytes(np.asarray(key_bytes, dtype=np.uint8)).rstrip(b"\0").decode()
-    path, offset, _ = text.rsplit(":", 2)
-    return path, int(offset)
 
 
 def batch_members(tars, idxs, batch_size: int, shard_id: int, num_shards: int, shuffle_buffer: int, seed: int,
@@ -46,20 +39,13 @@ def batch_members(tars, idxs, batch_size: int, shard_id: int, num_shards: int, s
     pipe.build()
     for _ in range(batch):
         pipe.run()
-    segs, flac, info, key = (out.as_array() if out.is_dense_tensor() else [np.array(t) for t in out]
-                             for out in pipe.run())
+    segs, flac, info, key = ([np.array(t) for t in out] for out in pipe.run())
+    del pipe
     members = []
     for i in range(batch_size):
-        path, offset = source_of(key[i])
-        members.append({"tar": path, "offset": offset, "key": _key(key[i]), "segs": np.asarray(segs[i]),
-                        "flac": np.asarray(flac[i]), "info": np.asarray(info[i])})
-    del pipe
+        path, offset, name = parse_source_info(key[i])
+        members.append({"tar": path, "offset": offset, "key": name, "segs": segs[i], "flac": flac[i], "info": info[i]})
     return members
-
-
-def _key(key_bytes) -> str:
-    text = bytes(np.asarray(key_bytes, dtype=np.uint8)).rstrip(b"\0").decode()
-    return text.rsplit(":", 1)[-1].split(".", 1)[0]
 
 
 def probe(member: dict, device: str, audio_rate: int, device_id: int = 0) -> str | None:

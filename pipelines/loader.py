@@ -6,9 +6,9 @@ import ctypes.util
 import gc
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from stica.pipelines.clips import parse_source_info
 from stica.shards import load_manifest, shard_paths
 
 
@@ -46,12 +46,8 @@ def resolve_device(name: str, codec: str, short_side: int, shards="shards") -> s
 
 
 def keys_from_source_info(raw: torch.Tensor) -> list[str]:
-    """'path/to/shard.tar:offset:KEY.segs' (zero-padded bytes) -> KEY."""
-    out = []
-    for row in raw.cpu().numpy().astype(np.uint8):
-        text = row.tobytes().rstrip(b"\0").decode()
-        out.append(text.rsplit(":", 1)[-1].split(".", 1)[0])
-    return out
+    """read_shards' key output, a batch of it -> the sample keys."""
+    return [parse_source_info(row)[2] for row in raw.cpu().numpy()]
 
 
 class DaliLoader:
