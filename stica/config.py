@@ -1,6 +1,8 @@
-"""YAML configs with `key.sub=value` command-line overrides (OmegaConf), stored with every run."""
+"""YAML configs with `key.sub=value` command-line overrides (OmegaConf), stored with every run,
+and the --help layout every command shares."""
 from __future__ import annotations
 
+import argparse
 import difflib
 from pathlib import Path
 
@@ -38,3 +40,14 @@ def check_keys(base: DictConfig, update: DictConfig, where: str, prefix: str = "
 
 def save_config(cfg: DictConfig, path: str | Path):
     Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: the module docstring as written, then each option with its one line and its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and not action.required and "%(default)" not in text and \
+                action.default not in (None, False, [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text

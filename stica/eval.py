@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from stica import distributed
-from stica.config import load_config
+from stica.config import HelpFormatter, load_config
 from stica.model import Stica, time_steps
 from stica.pipelines.loader import build_loader
 
@@ -374,12 +374,16 @@ def markdown(task: str, checkpoint, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stica.eval", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("task", choices=sorted(TASKS), help="what to evaluate: " + ", ".join(sorted(TASKS)))
+    parser.add_argument("--config", required=True, help="a YAML config under configs/ (eval_ucf101.yaml, eval_hmdb51.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.checkpoint=runs/x/checkpoint.pt")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=sorted(TASKS))
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_protocol(cfg)
     dist = distributed.setup(cfg.train.backend)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from stica import checkpoint, distributed
-from stica.config import load_config, save_config
+from stica.config import HelpFormatter, load_config, save_config
 from stica.batchnorm import convert_sync_batchnorm, sync_group
 from stica.crops import crop_layout, sample_crops, windows
 from stica.losses import Keys, stica_terms
@@ -121,11 +121,15 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="STiCA pretraining (run with torchrun for several processes)")
-    parser.add_argument("--config", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stica.train", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--config", required=True, help="a YAML config under configs/ (pretrain_kinetics.yaml, demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.batch_size=16")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     dist = distributed.setup(cfg.train.backend)
     run_dir = Path(cfg.run.dir)

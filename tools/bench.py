@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from stica.config import HelpFormatter
 from stica.distributed import amp_dtype
 from stica.shards import load_manifest
 from stica.tools import gpu_check
@@ -168,21 +169,21 @@ def plot_soak(rows: list[dict], path: Path):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="stica-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stica-bench", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--shards", help="stica-shard output (needed for the loader and end-to-end modes)")
     parser.add_argument("--quick", action="store_true", help="the CPU preset: minutes on 2 cores")
     parser.add_argument("--modes", default="model,loader,clipcost,e2e",
                         help="comma list of model, loader, clipcost (decode cost by clip start), e2e, soak "
                              "(resident memory over --soak-epochs epochs of each loader), profile (the cost of "
                              "each stage of the DALI CPU graph, and of an epoch boundary)")
-    parser.add_argument("--soak-epochs", type=int, default=100)
-    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--soak-epochs", type=int, default=100, help="epochs of each loader in the soak mode")
+    parser.add_argument("--out", default="runs/bench", help="where report.md, results.json, the CSVs and plots go")
     parser.add_argument("--dataset-size", type=int, default=None,
-                        help=f"videos per epoch (default: Kinetics-400 train, {KINETICS_TRAIN:,})")
+                        help=f"videos per epoch, for GPU-hours per epoch (unset: Kinetics-400 train, {KINETICS_TRAIN:,})")
     parser.add_argument("--manifest", help="take the dataset size from this stica-shard manifest's train split")
-    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16", help="GPU only")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16",
+                        help="mixed precision of the model steps (GPU only)")
     parser.add_argument("--gpu-check", action="store_true",
                         help="prove the GPU path in one command (one GPU): the gpu tests, the model "
                              "preset, the step's levers (conv, compile), the loader in mixed/hybrid/cpu modes, 120 "
@@ -191,7 +192,11 @@ def main(argv=None):
     parser.add_argument("--parts", default=",".join(gpu_check.PARTS),
                         help="with --gpu-check: run these parts only, merged into the report already in --out "
                              "(the gpu tests part re-runs only the tests that did not pass)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.gpu_check:
         return gpu_check.main(Path(args.out), PRESETS["full"], tuple(args.parts.split(",")))
     preset = "quick" if args.quick else "full"

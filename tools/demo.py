@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from stica import distributed
-from stica.config import load_config
+from stica.config import HelpFormatter, load_config
 from stica.eval import av_embeddings, fit_linear, hits_at_k, load_model, split_name, video_features
 from stica.tools.pack import pool_start_method
 from stica.tools.synth import write_av
@@ -202,16 +202,21 @@ def table(metrics: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stica-demo", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="working directory (videos, shards, run)")
-    parser.add_argument("--train-videos", type=int, default=512)
+    parser.add_argument("--train-videos", type=int, default=512, help="videos to pretrain on")
     parser.add_argument("--val-videos", type=int, default=64, help="held out: the probe's weight decay")
     parser.add_argument("--test-videos", type=int, default=192, help="held out: every score")
-    parser.add_argument("--epochs", type=int, default=None, help="default: optim.epochs of configs/demo.yaml")
+    parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (unset: optim.epochs of "
+                                                                  "configs/demo.yaml)")
     parser.add_argument("--procs", type=int, default=2, help="training processes (torchrun, gloo)")
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides, key=value")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     if not config.exists():  # installed without the source tree

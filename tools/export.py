@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from stica.config import HelpFormatter
 from stica.model import R2Plus1D18
 
 TORCHVISION_MODEL = "r2plus1d_18"
@@ -83,12 +84,15 @@ def export(checkpoint: Path, out: Path) -> dict:
     return provenance
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="stica-export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stica-export", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a stica checkpoint (checkpoint.pt or epoch-NNN.pt)")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, required=True, help="the directory the files are written to")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         p = export(args.checkpoint, args.out)
     except ExportError as e:

@@ -9,6 +9,7 @@ import re
 import sys
 import time
 
+from stica.config import HelpFormatter
 from stica.tools.supervise import StartError
 from stica.tools.transcode import PackOptions
 
@@ -30,52 +31,55 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stica-shard", description=__doc__)
+    parser = argparse.ArgumentParser(prog="stica-shard", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     d = PackOptions()
-    p = sub.add_parser("pack", help="transcode and pack videos into shards (resumes when rerun)")
+    p = sub.add_parser("pack", help="transcode and pack videos into shards (resumes when rerun)",
+                       formatter_class=HelpFormatter)
     p.add_argument("--root", required=True, help="directory holding the videos (class folders or flat)")
     p.add_argument("--csv", action="append", default=[],
                    help="Kinetics annotation CSV (label,youtube_id,time_start,time_end[,split]); repeatable. "
                         "Without it, --root is read as a class-folder tree")
-    p.add_argument("--split", default="train", help="split name for a class-folder tree (default: train)")
+    p.add_argument("--split", default="train", help="split name for a class-folder tree")
     p.add_argument("--ucf101-splits", metavar="DIR", help="UCF-101 split files (trainlist0N.txt, testlist0N.txt)")
     p.add_argument("--hmdb51-splits", metavar="DIR", help="HMDB-51 split files (<class>_test_splitN.txt)")
     p.add_argument("--folds", default="1,2,3", help="UCF-101/HMDB-51 folds to pack as foldN-{train,val,test}")
     p.add_argument("--val-share", type=float, default=0.1,
                    help="share of each UCF-101/HMDB-51 training list held out as foldN-val (model selection)")
     p.add_argument("--out", required=True, help="output directory for shards, manifest and failures")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel transcoders (default: all cores)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel transcoders, one per core unless set")
     p.add_argument("--video-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="a video still transcoding after this long is reported (stage: timeout) and its worker "
-                        "replaced (default: 600)")
+                        "replaced")
     p.add_argument("--part", type=parse_part, default=None, metavar="I/N",
                    help="pack part I (0-based) of N into the shared --out, e.g. from a SLURM array "
                         "(--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); then `stica-shard merge OUT`")
     p.add_argument("--seed", type=int, default=0, help="write-time shuffle seed (recorded in the manifest)")
-    p.add_argument("--shard-size", type=parse_size, default=1 << 30, help="close a shard past this size (1GiB)")
-    p.add_argument("--shard-samples", type=int, default=None, help="or past this many samples")
-    p.add_argument("--fps", type=int, default=d.fps)
-    p.add_argument("--short-side", type=int, default=d.short_side)
+    p.add_argument("--shard-size", type=parse_size, default="1GiB", help="close a shard past this size")
+    p.add_argument("--shard-samples", type=int, default=None, help="or past this many samples (unset: by size only)")
+    p.add_argument("--fps", type=int, default=d.fps, help="constant frame rate of the packed video")
+    p.add_argument("--short-side", type=int, default=d.short_side, help="packed frame's short side in pixels")
     p.add_argument("--codec", choices=["vp9", "h264"], default=d.codec,
                    help="vp9 decodes on DALI's CPU and GPU paths; h264 only on the GPU")
-    p.add_argument("--crf", type=int, default=d.crf)
+    p.add_argument("--crf", type=int, default=d.crf, help="encoder quality (lower: better, larger)")
     p.add_argument("--speed", type=int, default=d.speed, help="libvpx cpu-used (higher: faster, larger)")
     p.add_argument("--seg-frames", type=int, default=d.seg_frames,
                    help="frames per independently decodable segment (and keyframe interval)")
-    p.add_argument("--audio-rate", type=int, default=d.audio_rate)
+    p.add_argument("--audio-rate", type=int, default=d.audio_rate, help="audio member's sample rate (Hz)")
     p.add_argument("--min-frames", type=int, default=d.min_frames, help="shorter videos are reported, not packed")
     p.add_argument("--max-lost-share", type=float, default=d.max_lost_share,
                    help="conceal corrupt packets (video: previous frame held; audio: silence) unless they lose "
-                        "more than this share of the duration (0.02) ...")
-    p.add_argument("--max-lost-seconds", type=float, default=d.max_lost_seconds, help="... or this many seconds (1)")
+                        "more than this share of the duration ...")
+    p.add_argument("--max-lost-seconds", type=float, default=d.max_lost_seconds, help="... or this many seconds")
     p.add_argument("--allow-no-audio", action="store_true",
                    help="pack videos without audio as silence with has_audio=0 (default: report and skip; "
                         "always on with --ucf101-splits/--hmdb51-splits, whose evaluation is video-only)")
-    m = sub.add_parser("merge", help="write the manifest of a job packed in parts, once every part is complete")
-    m.add_argument("dir")
-    v = sub.add_parser("verify", help="re-read every shard: checksums, DALI reads, decodes, counts")
-    v.add_argument("dir")
+    m = sub.add_parser("merge", help="write the manifest of a job packed in parts, once every part is complete",
+                       formatter_class=HelpFormatter)
+    m.add_argument("dir", help="the shared --out of the parts")
+    v = sub.add_parser("verify", help="re-read every shard: checksums, DALI reads, decodes, counts",
+                       formatter_class=HelpFormatter)
+    v.add_argument("dir", help="a stica-shard output directory")
     v.add_argument("--device", choices=["cpu", "mixed"], default="cpu",
                    help="DALI decoder backend (mixed = NVDEC, needed for h264 shards)")
     return parser
