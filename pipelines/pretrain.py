@@ -9,14 +9,27 @@ from stica.pipelines.clips import (audio_window, decode_audio, decode_clip, fiel
                                    to_augment_device)
 
 
-def blur_window(sigma, largest: int):
-    """2*ceil(3 sigma)+1 taps (99.7% of the Gaussian), at most `largest`: a fixed 11-tap window
-    spends most of its taps on zeros for small sigmas. Measured on one core, DALI's blur of a
-    30x112x112 clip, sigma uniform in [0.1, 2]: 17.4 -> 13.7 ms, outputs within 1 level."""
-    return dmath.min(fn.cast(dmath.ceil(sigma * 3.0), dtype=types.INT32) * 2 + 1, largest)
+def blur(x, sigma, largest: int, mode: str):
+    """Gaussian blur of every frame, 2*ceil(3 sigma)+1 taps (99.7% of the Gaussian), at most
+    `largest`: a fixed 11-tap window spends most of its taps on zeros for small sigmas.
+
+    On the CPU the two 1-D passes run as fn.filter with the taps computed in the graph: DALI's
+    CPU gaussian_blur cost 14-23 ms per 30x112x112 clip on one core whatever the window (3 to 11
+    taps), fn.filter 1.8-5.0 ms, outputs within 1 level (2026-12-01, docs/benchmarks.md). The GPU
+    paths keep gaussian_blur until a GPU run compares the two there."""
+    half = dmath.min(fn.cast(dmath.ceil(sigma * 3.0), dtype=types.INT32), (largest - 1) // 2)
+    if mode != "cpu":
+        return fn.gaussian_blur(x, window_size=half * 2 + 1, sigma=sigma)
+    r = (largest - 1) // 2
+    t = fn.cast(fn.constant(idata=list(range(-r, r + 1)), shape=[2 * r + 1], dtype=types.INT32), dtype=types.FLOAT)
+    t = fn.slice(t, fn.reshape(r - half, shape=[1]), fn.reshape(half * 2 + 1, shape=[1]), axes=[0])
+    taps = dmath.exp(t * t * (-0.5 / (sigma * sigma)))
+    taps = taps / fn.reductions.sum(taps)
+    x = fn.filter(x, fn.reshape(taps, shape=[1, -1]), border="reflect_101")
+    return fn.filter(x, fn.reshape(taps, shape=[-1, 1]), border="reflect_101")
 
 
-def video_view(clip, cfg, out_dtype):
+def video_view(clip, cfg, out_dtype, mode: str):
     """One SimCLR-style view. Every random value is drawn once per sample, so all frames of a
     clip get the same crop, flip and colour change; calling this twice gives independent views.
 
@@ -47,8 +60,7 @@ def video_view(clip, cfg, out_dtype):
     if cfg.jitter_prob > 0 or cfg.grayscale_prob > 0:
         x = fn.color_twist(x, saturation=factor(cfg.saturation) * (1.0 - gray), hue=shift(cfg.hue))
     if fn.random.coin_flip(probability=cfg.blur_prob):
-        sigma = fn.random.uniform(range=list(cfg.blur_sigma))
-        x = fn.gaussian_blur(x, window_size=blur_window(sigma, cfg.blur_kernel), sigma=sigma)
+        x = blur(x, fn.random.uniform(range=list(cfg.blur_sigma)), cfg.blur_kernel, mode)
     return fn.crop_mirror_normalize(x, mirror=fn.random.coin_flip(probability=cfg.flip_prob),
                                     mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std],
                                     dtype=out_dtype, output_layout="CFHW")
@@ -63,8 +75,7 @@ def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int,
     start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32)
     start = start * fn.cast(span > 0, dtype=types.INT32)  # videos shorter than a clip start at 0 (edge-padded)
     clip = decode_clip(segs, info, start, T, seg_frames, mode)
-    out_dtype = output_dtype(cfg, mode)
-    views = [video_view(clip, cfg, out_dtype) for _ in range(cfg.views)]
+    views = [video_view(clip, cfg, output_dtype(cfg, mode), mode) for _ in range(cfg.views)]
 
     audio = audio_window(decode_audio(flac, cfg.audio.rate), start, fps, T / fps, cfg.audio.rate)
     lo, hi = cfg.audio.volume_jitter

@@ -93,6 +93,37 @@ def test_profile_mode_costs_each_stage_and_the_epoch_boundary(shards, tmp_path):
     assert "## Where a clip's time goes" in (out / "report.md").read_text()
     assert len(list(csv.DictReader(open(out / "profile.csv")))) == 6 and (out / "profile.png").stat().st_size > 5_000
 
+    # The CPU side, part by part: each part costs something, the GPU rows say why they are empty here.
+    side = {r["stage"].split(" (")[0]: r for r in results["cpu_side"]}
+    assert all(r["content"] == "generated scenes" for r in results["cpu_side"])
+    reads, reader = side["file reads alone"], side["reader"]
+    decode, audio = side["+ video decode"], side["+ audio decode and window"]
+    assert 0 < reads["cpu_ms_per_clip"] and 0 < reader["cpu_ms_per_clip"] < decode["cpu_ms_per_clip"]
+    assert decode["stage_ms"] == pytest.approx(decode["cpu_ms_per_clip"] - reader["cpu_ms_per_clip"])
+    assert audio["cpu_ms_per_clip"] > reader["cpu_ms_per_clip"]
+    assert side["the CPU loader"]["cpu_ms_per_clip"] > decode["cpu_ms_per_clip"]  # two views are never free
+    assert side["+ host-to-device copies"]["note"] == side["the hybrid loader"]["note"] == "needs a CUDA GPU"
+    assert "## CPU time per clip, part by part" in (out / "report.md").read_text()
+    assert len(list(csv.DictReader(open(out / "cpu_side.csv")))) == len(results["cpu_side"]) == 8
+
+
+def test_loader_summary_names_the_winner_per_core_of_each_content_set():
+    from stica.tools.measure import loader_table, loader_winners
+
+    def row(content, backend, parallel, rate):
+        return {"content": content, "backend": backend, "decode": "cpu", "threads_or_workers": parallel,
+                "prefetch": "-", "clips_per_s": rate, "clips_per_s_min": rate, "clips_per_s_max": rate,
+                "clips_per_s_per_core": rate / parallel, "note": ""}
+
+    rows = [row("generated scenes", "dali", 1, 30.0), row("generated scenes", "dali", 2, 40.0),
+            row("generated scenes", "torchcodec", 2, 30.0), row("camera footage", "dali", 2, 20.0),
+            row("camera footage", "torchcodec", 2, 25.0), row("camera footage", "reference", 2, 10.0)]
+    generated, footage = loader_winners(rows, cores=2)
+    assert "dali 20.0 (x2)" in generated and "**dali**" in generated and "DALI / torchcodec = 1.33x" in generated
+    assert "**torchcodec**" in footage and "DALI / torchcodec = 0.80x" in footage
+    assert loader_table(rows)[0].startswith("| content | backend |") and loader_table(rows)[2].startswith(
+        "| generated scenes | dali | cpu | 1 |")
+
 
 def test_model_ratios_survive_one_slow_repeat(monkeypatch, capsys):
     """A busy spell during one repeat of one row must not move that row's ratio to Default."""

@@ -20,11 +20,13 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     from stica.tools.bench import build_parser as bench_parser
     from stica.tools.demo import build_parser as demo_parser
     from stica.tools.export import build_parser as export_parser
+    from stica.tools.footage import build_parser as footage_parser
     from stica.tools.shard import build_parser as shard_parser
     from stica.train import build_parser as train_parser
 
     return {"stica-shard": shard_parser(), "stica-bench": bench_parser(), "stica-export": export_parser(),
-            "stica-demo": demo_parser(), "stica.train": train_parser(), "stica.eval": eval_parser()}
+            "stica-demo": demo_parser(), "stica.train": train_parser(), "stica.eval": eval_parser(),
+            "stica.tools.footage": footage_parser()}
 
 
 def shell_blocks(text: str) -> list[str]:

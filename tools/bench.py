@@ -22,10 +22,10 @@ from stica.config import HelpFormatter
 from stica.distributed import amp_dtype
 from stica.shards import load_manifest
 from stica.tools import gpu_check
-from stica.tools.bench_loader import clip_cost, epoch_boundary, profile, run_loader, run_soak
+from stica.tools.bench_loader import clip_cost, cpu_side, epoch_boundary, profile, run_loader, run_soak
 from stica.tools.bench_model import run_model
 from stica.tools.bench_train import run_end_to_end
-from stica.tools.measure import KINETICS_TRAIN, device_name, loader_table, write_csv
+from stica.tools.measure import KINETICS_TRAIN, device_name, loader_table, loader_winners, write_csv
 
 PRESETS = {
     # quick: an eighth of the channels, so the 8 strategies x 3 poolings run in minutes on 2 cores;
@@ -57,25 +57,25 @@ def markdown(results: dict) -> str:
         out.append("")
     if results.get("loader"):
         out += ["## Loader only (two views + spectrogram per clip, whole epochs)", "", *loader_table(results["loader"]), ""]
-        # Per core with the whole machine busy: with one thread or worker, the main process (the
-        # DataLoader's collation, DALI's hand-off) runs on a second core and flatters the figure.
-        cores = results["cpu_cores"]
-        cpu = [r for r in results["loader"]
-               if r["clips_per_s"] is not None and r["decode"] == "cpu" and r["threads_or_workers"] <= cores]
-        full = {b: max((r for r in cpu if r["backend"] == b), key=lambda r: (r["threads_or_workers"], r["clips_per_s"]))
-                for b in dict.fromkeys(r["backend"] for r in cpu)}
-        if "dali" in full and "reference" in full:
-            peers = ", ".join(f"{b} {r['clips_per_s_per_core']:.1f} (x{r['threads_or_workers']})" for b, r in full.items())
-            ratio = full["dali"]["clips_per_s_per_core"] / full["reference"]["clips_per_s_per_core"]
-            out += [f"Clips/s per core with the most threads/workers up to the {cores} cores: {peers}. DALI / "
-                    f"reference = {ratio:.2f}x per core (target: at least 3x). Rows with fewer threads than cores "
-                    "read high: the main process works on a core of its own.", ""]
+        out += [*loader_winners(results["loader"], results["cpu_cores"]), ""]
     if results.get("clip_cost"):
         rows = results["clip_cost"]
         out += ["## Decode cost by clip start (DALI CPU decoder, 1 thread, 30 frames)", "",
                 "| start frame | ms per clip (min-max) | vs start 0 |", "|---|---|---|"]
         out += [f"| {r['start']} | {r['ms_per_clip']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
                 f"{r['ms_per_clip'] / rows[0]['ms_per_clip']:.2f}x |" for r in rows]
+        out.append("")
+    if results.get("cpu_side"):
+        out += ["## CPU time per clip, part by part (the hybrid loader's CPU side, and the CPU loader)", "",
+                "The process's CPU time (every thread) per clip over steady batches; each part row adds one part "
+                "to the row above.", "", "| content | part | CPU ms per clip (min-max) | this part |", "|---|---|---|---|"]
+        for r in results["cpu_side"]:
+            if r["cpu_ms_per_clip"] is None:
+                out.append(f"| {r['content']} | {r['stage']} | {r['note']} | |")
+                continue
+            part = "" if r["stage_ms"] is None else f"{r['stage_ms']:+.1f}"
+            out.append(f"| {r['content']} | {r['stage']} | {r['cpu_ms_per_clip']:.1f} ({r['ms_min']:.1f}-"
+                       f"{r['ms_max']:.1f}) | {part} |")
         out.append("")
     if results.get("profile"):
         b = results["epoch_boundary"]
@@ -176,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default="model,loader,clipcost,e2e",
                         help="comma list of model, loader, clipcost (decode cost by clip start), e2e, soak "
                              "(resident memory over --soak-epochs epochs of each loader), profile (the cost of "
-                             "each stage of the DALI CPU graph, and of an epoch boundary)")
+                             "each stage of the DALI CPU graph, of an epoch boundary, and the CPU time per clip of "
+                             "each part of the hybrid and CPU loaders)")
+    parser.add_argument("--footage-shards", metavar="DIR",
+                        help="a second content set for the loader and profile modes: camera footage packed by "
+                             "stica-shard (python -m stica.tools.footage makes it); the tables report both")
     parser.add_argument("--soak-epochs", type=int, default=100, help="epochs of each loader in the soak mode")
     parser.add_argument("--out", default="runs/bench", help="where report.md, results.json, the CSVs and plots go")
     parser.add_argument("--dataset-size", type=int, default=None,
@@ -196,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.gpu_check:
         return gpu_check.main(Path(args.out), PRESETS["full"], tuple(args.parts.split(",")))
     preset = "quick" if args.quick else "full"
@@ -215,8 +220,11 @@ def main(argv=None):
                "cpu_cores": os.cpu_count() or 1}
     if "model" in modes:
         results["model"] = run_model(p, device, amp, size)
+    contents = [("generated scenes", args.shards)] + ([("camera footage", args.footage_shards)]
+                                                      if args.footage_shards else [])
     if "loader" in modes:
-        results["loader"] = run_loader(args.shards, p, ["dali", "reference", "torchcodec"])
+        results["loader"] = [r for name, shards in contents
+                             for r in run_loader(shards, p, ["dali", "reference", "torchcodec"], name)]
     if "clipcost" in modes:
         # Starts at 0, the middle and the end of a 10-s video (clamped to shorter videos).
         results["clip_cost"] = [{"start": r["start"], "seg_frames": r["seg_frames"],
@@ -227,7 +235,11 @@ def main(argv=None):
         results["profile"] = profile(args.shards, batch_size=p["loader_batch"], batches=p["loader_batches"],
                                      repeats=p["repeats"])
         results["epoch_boundary"] = epoch_boundary(args.shards, batch_size=p["loader_batch"])
+        results["cpu_side"] = [{"content": name, **r} for name, shards in contents
+                               for r in cpu_side(shards, batch_size=p["loader_batch"], threads=p["parallel"][-1],
+                                                 batches=p["loader_batches"], repeats=p["repeats"])]
         write_csv(results["profile"], out / "profile.csv")
+        write_csv(results["cpu_side"], out / "cpu_side.csv")
         plot_profile(results, out / "profile.png")
     if "soak" in modes:
         results["soak"] = run_soak(args.shards, args.soak_epochs)

@@ -1,9 +1,12 @@
 """Loader measurements for stica-bench: clips/s delivered, and what a clip costs by its start."""
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
+
+import torch
 
 from stica.config import load_config
 from stica.media import torchcodec_missing
@@ -76,15 +79,16 @@ def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: 
     return rows
 
 
-def run_loader(shards: str, p: dict, backends: list[str]) -> list[dict]:
+def run_loader(shards: str, p: dict, backends: list[str], content: str = "generated scenes") -> list[dict]:
     """Whole epochs of each loader, one row per backend and thread/worker count (DALI also per
     prefetch depth): epoch boundaries count, as in training. A backend that cannot run here
-    (torchcodec without FFmpeg's libraries) gets one row saying why instead."""
+    (torchcodec without FFmpeg's libraries) gets one row saying why instead. `content` names
+    what the shards hold: the loaders' ranking turns on it (tools/footage.py)."""
     rows = []
     cores = os.cpu_count() or 1
     for backend in backends:
         if backend == "torchcodec" and (why := torchcodec_missing()):
-            rows.append({"backend": backend, "decode": "-", "threads_or_workers": "-", "prefetch": "-",
+            rows.append({"content": content, "backend": backend, "decode": "-", "threads_or_workers": "-", "prefetch": "-",
                          "clips_per_s": None, "clips_per_s_min": None, "clips_per_s_max": None,
                          "clips_per_s_per_core": None, "note": f"not measured: {why}"})
             print(f"[bench] loader torchcodec not measured: {why}", flush=True)
@@ -96,11 +100,11 @@ def run_loader(shards: str, p: dict, backends: list[str]) -> list[dict]:
                 r = loader_throughput(shards, backend, parallel, batch_size=p["loader_batch"], batches=None,
                                       repeats=p["loader_epochs"], overrides=extra)
                 rate = r["clips_per_s"]
-                rows.append({"backend": backend, "decode": r["device"], "threads_or_workers": parallel,
+                rows.append({"content": content, "backend": backend, "decode": r["device"], "threads_or_workers": parallel,
                              "prefetch": prefetch, "clips_per_s": rate["median"], "clips_per_s_min": rate["min"],
                              "clips_per_s_max": rate["max"], "clips_per_s_per_core": rate["median"] / min(parallel, cores),
                              "note": ""})
-                print(f"[bench] loader {backend:>10} ({r['device']}) x{parallel} prefetch {prefetch}: "
+                print(f"[bench] loader {content}: {backend:>10} ({r['device']}) x{parallel} prefetch {prefetch}: "
                       f"{rate['median']:.1f} clips/s", flush=True)
     return rows
 
@@ -203,3 +207,131 @@ def epoch_boundary(shards: str, epochs: int = 4, batch_size: int = 8, threads: i
     boundary = [f - statistics.median(steady) for f in first[1:]]  # the first epoch also builds the graph
     return {"boundary_s": statistics.median(boundary), "boundary_s_max": max(boundary),
             "steady_batch_s": statistics.median(steady), "batches_per_epoch": len(loader), "epochs": epochs}
+
+
+# Where the CPU time of a hybrid loader goes (CPU decode, GPU augmentation): each row adds one
+# part of its CPU side to the row above. The first row reads the sample's bytes the way the
+# reader does, in Python with no DALI, as the floor: the reader row's excess is DALI's own
+# per-sample cost (scheduling, buffers, the shuffle). The last rows need a GPU.
+CPU_SIDE_STAGES = [
+    ("file reads alone (Python, no DALI)", None),
+    ("reader (webdataset, shuffled)", {}),
+    ("+ video decode (30 frames)", {"video": True}),
+    ("+ audio decode and window", {"video": True, "audio": True}),
+    ("+ host-to-device copies", {"video": True, "audio": True, "to_gpu": True}),
+    ("the hybrid loader (GPU augmentation and spectrogram, hand-off to torch)", "hybrid"),
+    ("the CPU graph alone (two views, spectrogram; outputs dropped)", "cpu graph"),
+    ("the CPU loader (the same, handed to torch)", "cpu"),
+]
+
+
+def _stage_pipeline(cfg, opts, tars, idxs, threads: int, video=False, audio=False, to_gpu=False):
+    """The first parts of the pretraining graph alone (pipelines/pretrain.py), started at a random
+    clip as it is; its outputs are dropped."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from stica.pipelines.clips import audio_window, decode_audio, decode_clip, field, read_shards
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=threads, device_id=0 if to_gpu else None,
+                  prefetch_queue_depth=cfg.prefetch, exec_dynamic=True, seed=cfg.seed)
+    def pipe():
+        segs, flac, info, _ = read_shards(tars, idxs, 0, 1, shuffle=True, shuffle_buffer=cfg.shuffle_buffer)
+        T, fps = cfg.num_frames, opts["fps"]
+        span = fn.cast(field(info, "num_frames") - T + 1, dtype=types.FLOAT)
+        start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32)
+        start = start * fn.cast(span > 0, dtype=types.INT32)
+        outs = [segs, flac, info]
+        if video:
+            outs[0] = decode_clip(segs, info, start, T, opts["seg_frames"], "cpu")
+        if audio:
+            outs[1] = audio_window(decode_audio(flac, cfg.audio.rate), start, fps, T / fps, cfg.audio.rate)
+        if to_gpu:
+            outs[:2] = [o.gpu() for o in outs[:2]]
+        return tuple(outs)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _pretrain_graph(cfg, opts, tars, idxs, threads: int):
+    from stica.pipelines.pretrain import pretrain_pipeline
+
+    p = pretrain_pipeline(tars, idxs, cfg, opts["seg_frames"], opts["fps"], 0, 1, "cpu", batch_size=cfg.batch_size,
+                          num_threads=threads, device_id=None, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True,
+                          seed=cfg.seed)
+    p.build()
+    return p
+
+
+def _read_members(tars, idxs, count: int):
+    """The bytes of `count` samples' members, read as the reader does (seek, read), in Python."""
+    from stica.shards import read_index
+
+    done = 0
+    for tar, idx in zip(tars, idxs):
+        with open(tar, "rb") as f:
+            for _, members in read_index(idx):
+                for offset, size in members.values():
+                    f.seek(offset)
+                    f.read(size)
+                done += 1
+                if done == count:
+                    return
+
+
+def cpu_side(shards: str, batch_size: int = 8, threads: int = 2, batches: int = 6, repeats: int = 3) -> list[dict]:
+    """CPU ms per clip of each part of the hybrid loader's CPU side, and of the whole CPU and
+    hybrid loaders: the process's CPU time (every DALI thread and the main one) over `batches`
+    steady batches, divided by the clips. CPU time rather than wall time: it is what a core
+    spends whatever the thread count, and another process's load does not inflate it much.
+    Rows that need a GPU say so where there is none."""
+    from stica.shards import load_manifest, shard_paths
+
+    cfg = load_config(DEFAULT_CONFIG, [f"data.shards={shards}", f"data.batch_size={batch_size}",
+                                       f"data.threads={threads}"]).data
+    opts = load_manifest(shards)["options"]
+    tars, idxs = shard_paths(shards, "train")
+    gpu = torch.cuda.is_available()
+    samples = {name: [] for name, _ in CPU_SIDE_STAGES}
+    for _ in range(repeats):  # whole passes, one stage at a time: CPU time is process-wide
+        for name, stage in CPU_SIDE_STAGES:
+            needs_gpu = stage == "hybrid" or (isinstance(stage, dict) and stage.get("to_gpu"))
+            if needs_gpu and not gpu:
+                continue
+            if stage is None:
+                clips = batches * batch_size
+                t = time.process_time()
+                _read_members(tars, idxs, clips)
+                samples[name].append((time.process_time() - t) * 1000 / clips)
+                continue
+            if isinstance(stage, dict):
+                step = _stage_pipeline(cfg, opts, tars, idxs, threads, **stage).run
+            elif stage == "cpu graph":
+                step = _pretrain_graph(cfg, opts, tars, idxs, threads).run
+            else:
+                step = functools.partial(next, _forever(build_loader(load_config(
+                    DEFAULT_CONFIG, [f"data.shards={shards}", f"data.batch_size={batch_size}",
+                                     f"data.threads={threads}", f"data.device={stage}"]).data)))
+            for _ in range(cfg.prefetch + 1):  # warm-up: pools filled, the prefetch queue full
+                step()
+            t = time.process_time()
+            for _ in range(batches):
+                step()
+            sync()
+            samples[name].append((time.process_time() - t) * 1000 / (batches * batch_size))
+            del step  # the pipeline goes before the next stage is timed
+    rows, previous = [], None
+    for name, stage in CPU_SIDE_STAGES:
+        if not samples[name]:
+            rows.append({"stage": name, "cpu_ms_per_clip": None, "ms_min": None, "ms_max": None, "stage_ms": None,
+                         "note": "needs a CUDA GPU"})
+            continue
+        ms = summarize(samples[name])
+        part = isinstance(stage, dict) and previous is not None
+        rows.append({"stage": name, "cpu_ms_per_clip": ms["median"], "ms_min": ms["min"], "ms_max": ms["max"],
+                     "stage_ms": ms["median"] - previous if part else None, "note": ""})
+        if stage is None or isinstance(stage, dict):
+            previous = ms["median"]
+        print(f"[bench] cpu side {name:<72} {ms['median']:6.2f} CPU ms/clip", flush=True)
+    return rows

@@ -43,15 +43,45 @@ def write_csv(rows: list[dict], path: Path):
 
 
 def loader_table(rows: list[dict]) -> list[str]:
-    """Markdown lines of a loader throughput table (stica-bench and its --gpu-check)."""
+    """Markdown lines of a loader throughput table (stica-bench and its --gpu-check); a content
+    column where the rows name their content set."""
+    content = any("content" in r for r in rows)
+
     def line(r):
+        first = f"| {r.get('content', '-')} " if content else ""
         if r["clips_per_s"] is None:
-            return f"| {r['backend']} | {r['note']} | | | | |"
-        return (f"| {r['backend']} | {r['decode']} | {r['threads_or_workers']} | {r.get('prefetch', '-')} | "
+            return f"{first}| {r['backend']} | {r['note']} | | | | |"
+        return (f"{first}| {r['backend']} | {r['decode']} | {r['threads_or_workers']} | {r.get('prefetch', '-')} | "
                 f"{r['clips_per_s']:.1f} ({r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}) | "
                 f"{r['clips_per_s_per_core']:.1f} |")
-    return ["| backend | decode | threads/workers | prefetch | clips/s (min-max) | per core |",
-            "|---|---|---|---|---|---|"] + [line(r) for r in rows]
+    head = "| content " if content else ""
+    return [f"{head}| backend | decode | threads/workers | prefetch | clips/s (min-max) | per core |",
+            "|---" * (6 + content) + "|"] + [line(r) for r in rows]
+
+
+def loader_winners(rows: list[dict], cores: int) -> list[str]:
+    """Per content set: each CPU loader's clips/s per core with the whole machine busy (its most
+    threads or workers up to the cores; fewer read high, as the main process works on a core of
+    its own), the winner, and DALI against the best peer (the target: at least 1.1x)."""
+    lines = []
+    for content in dict.fromkeys(r.get("content", "-") for r in rows):
+        cpu = [r for r in rows if r.get("content", "-") == content and r["clips_per_s"] is not None
+               and r["decode"] == "cpu" and r["threads_or_workers"] <= cores]
+        full = {b: max((r for r in cpu if r["backend"] == b), key=lambda r: (r["threads_or_workers"], r["clips_per_s"]))
+                for b in dict.fromkeys(r["backend"] for r in cpu)}
+        if not full:
+            continue
+        rates = {b: r["clips_per_s_per_core"] for b, r in full.items()}
+        winner = max(rates, key=rates.get)
+        text = ", ".join(f"{b} {v:.1f} (x{full[b]['threads_or_workers']})" for b, v in rates.items())
+        peers = {b: v for b, v in rates.items() if b != "dali"}
+        versus = ""
+        if "dali" in rates and peers:
+            best = max(peers, key=peers.get)
+            versus = f"; DALI / {best} = {rates['dali'] / peers[best]:.2f}x (target: at least 1.10x)"
+        lines.append(f"- {content}: clips/s per core with all {cores} cores busy: {text}. Winner per core: "
+                     f"**{winner}**{versus}.")
+    return lines
 
 
 # Ops whose result the host must read before it can go on: a value (.item(), bool(), a copy to the
