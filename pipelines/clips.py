@@ -1,6 +1,6 @@
 """DALI graph pieces shared by the pretraining and evaluation pipelines: reading shards,
-decoding a clip out of the segmented video member, cutting the aligned audio window and
-its log-mel spectrogram.
+decoding a clip out of the segmented video member, its aligned audio window out of the
+segmented audio member, and its log-mel spectrogram.
 """
 from __future__ import annotations
 
@@ -85,18 +85,34 @@ def decode_clip(segs, info, start, num_frames: int, seg_frames: int, mode: str):
     return to_augment_device(fn.slice(clip, start=[0], shape=[num_frames], axes=[0]), mode)
 
 
-def decode_audio(flac, rate: int):
-    """The whole track as float samples at `rate` (raw int16 amplitudes, as the reference's filterbank saw them)."""
-    audio, _ = fn.decoders.audio(flac, dtype=types.INT16, downmix=True, sample_rate=rate)
-    return fn.cast(audio, dtype=types.FLOAT)
-
-
-def audio_window(audio, start, fps: int, seconds: float, rate: int):
+def audio_clip(flac, info, start, fps: int, seconds: float, rate: int, seg_frames: int):
     """The audio that plays with the clip: it starts at the clip's first frame (the packer put
-    sample 0 at video frame 0), zero-padded past the end of the track."""
+    sample 0 at video frame 0), zero-padded past the end of the track. Decodes only the audio
+    segments the window touches (the shard contract: one FLAC file per video segment, P =
+    seg_frames * rate / fps samples each), as decode_clip does for the video: a window of n
+    samples touches at most ceil((n - 1) / P) + 1 of them, so the graph has that many decoder
+    calls. A call past the last segment decodes that one again; the trim to the track's end
+    drops it, so the window reads zeros there."""
+    n = int(round(seconds * rate))
+    per = seg_frames * rate // fps
+    calls = math.ceil((n - 1) / per) + 1
+    nseg = field(info, "num_segments")
+    audio_offsets = INFO_OFFSETS + 1 + nseg  # after the video segments' offsets
     a0 = fn.cast(fn.cast(start, dtype=types.FLOAT) * (rate / fps), dtype=types.INT32)
-    return fn.slice(audio, fn.reshape(a0, shape=[1]), [int(round(seconds * rate))], axes=[0],
-                    out_of_bounds_policy="pad")
+    first = a0 // per
+    pieces = []
+    for i in range(calls):
+        k = dmath.min(first + i, nseg - 1)
+        lo, hi = info[audio_offsets + k], info[audio_offsets + k + 1]
+        data = fn.slice(flac, fn.reshape(lo, shape=[1]), fn.reshape(hi - lo, shape=[1]), axes=[0])
+        pieces.append(fn.decoders.audio(data, dtype=types.INT16, downmix=True, sample_rate=rate)[0])
+    audio = fn.cat(*pieces) if calls > 1 else pieces[0]
+    left = fn.cast(fn.cast(field(info, "audio_samples"), dtype=types.FLOAT) * (rate / field(info, "audio_rate")),
+                   dtype=types.INT32) - first * per  # samples of the track from segment `first` on
+    audio = fn.slice(audio, fn.reshape(a0 * 0, shape=[1]), fn.reshape(left, shape=[1]), axes=[0],
+                     out_of_bounds_policy="trim_to_shape")
+    audio = fn.slice(audio, fn.reshape(a0 - first * per, shape=[1]), [n], axes=[0], out_of_bounds_policy="pad")
+    return fn.cast(audio, dtype=types.FLOAT)  # raw int16 amplitudes, as the reference's filterbank saw them
 
 
 def log_mel(audio, cfg):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from stica.pipelines.clips import parse_source_info, read_shards
-from stica.shards import read_index, split_segments
+from stica.shards import read_index, split_audio, split_segments
 
 
 def batch_members(tars, idxs, batch_size: int, shard_id: int, num_shards: int, shuffle_buffer: int, seed: int,
@@ -51,9 +51,12 @@ def batch_members(tars, idxs, batch_size: int, shard_id: int, num_shards: int, s
 def probe(member: dict, device: str, audio_rate: int, device_id: int = 0) -> str | None:
     """Why DALI cannot decode this sample, or None: every segment of its video member and its audio,
     each alone, on the training graph's decoder (device: cpu or mixed)."""
-    pieces = split_segments(member["segs"].tobytes(), member["info"].astype("<i4").tobytes())
-    checks = [(f"segment {k} of {len(pieces)}", "video", p) for k, p in enumerate(pieces)]
-    for name, kind, data in [*checks, ("audio", "audio", member["flac"].tobytes())]:
+    info = member["info"].astype("<i4").tobytes()
+    pieces = split_segments(member["segs"].tobytes(), info)
+    sounds = split_audio(member["flac"].tobytes(), info)
+    checks = [(f"segment {k} of {len(pieces)}", "video", p) for k, p in enumerate(pieces)] + \
+        [(f"audio segment {k} of {len(sounds)}", "audio", p) for k, p in enumerate(sounds)]
+    for name, kind, data in checks:
         pipe = _decoder(kind, np.frombuffer(data, np.uint8), device, audio_rate, device_id)
         pipe.build()  # outside the try: a graph that cannot build is a bug here, not a damaged sample
         try:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-from stica.pipelines.clips import (audio_window, decode_audio, decode_clip, field, log_mel, output_dtype, read_shards,
-                                   to_augment_device)
+from stica.pipelines.clips import audio_clip, decode_clip, field, log_mel, output_dtype, read_shards, to_augment_device
 
 CROPS = {3: [0.0, 0.5, 1.0], 1: [0.5]}  # left/centre/right (or top/centre/bottom) along the long side
 
@@ -32,12 +31,11 @@ def eval_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int, num
     T = cfg.num_frames
     out_dtype = output_dtype(cfg, mode)
     starts = clip_starts(field(info, "num_frames"), T, cfg.eval_clips)
-    track = decode_audio(flac, cfg.audio.rate)  # once per video, sliced per clip
     videos, audios = [], []
     for start in starts:
         clip = decode_clip(segs, info, start, T, seg_frames, mode)
         videos += spatial_crops(clip, cfg.crop_size, cfg.eval_crops, cfg.mean, cfg.std, out_dtype)
-        audio = audio_window(track, start, fps, T / fps, cfg.audio.rate)
+        audio = audio_clip(flac, info, start, fps, T / fps, cfg.audio.rate, seg_frames)
         audios.append(log_mel(to_augment_device(audio, mode), cfg.audio))
     # video: [clips * crops, C, T, H, W] (clip-major); audio: [clips, 1, mels, frames]
     video = fn.stack(*videos)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from stica.pipelines.clips import (audio_window, decode_audio, decode_clip, field, log_mel, output_dtype, read_shards,
-                                   to_augment_device)
+from stica.pipelines.clips import audio_clip, decode_clip, field, log_mel, output_dtype, read_shards, to_augment_device
 
 
 def blur(x, sigma, largest: int, mode: str):
@@ -77,7 +76,7 @@ def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int,
     clip = decode_clip(segs, info, start, T, seg_frames, mode)
     views = [video_view(clip, cfg, output_dtype(cfg, mode), mode) for _ in range(cfg.views)]
 
-    audio = audio_window(decode_audio(flac, cfg.audio.rate), start, fps, T / fps, cfg.audio.rate)
+    audio = audio_clip(flac, info, start, fps, T / fps, cfg.audio.rate, seg_frames)
     lo, hi = cfg.audio.volume_jitter
     if hi > lo:
         audio = audio * fn.random.uniform(range=[lo, hi])

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from stica.media import decode_flac, segment_frames, torchcodec_missing
-from stica.shards import load_manifest, parse_info, read_index, shard_paths, split_segments
+from stica.shards import (audio_segment_samples, load_manifest, parse_info, read_index, shard_paths, split_audio,
+                          split_segments)
 
 
 def hz_to_mel(f):
@@ -134,9 +135,14 @@ def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int, decoder: 
     return np.stack(frames + [frames[-1]] * (num_frames - len(frames)))  # edge padding, as DALI's decoder
 
 
-def audio_window(audio: np.ndarray, start: int, fps: int, seconds: float, rate: int) -> torch.Tensor:
-    a0, n = round(start * rate / fps), round(seconds * rate)
-    window = audio[a0:a0 + n]
+def audio_clip(flac: bytes, info: bytes, start: int, seconds: float, decoder: str = "pyav") -> torch.Tensor:
+    """The clip's audio (float, packed rate), decoded from the audio segments it touches only."""
+    meta, _ = parse_info(info)
+    per, pieces = audio_segment_samples(meta), split_audio(flac, info)
+    a0, n = round(start * meta["audio_rate"] / meta["fps"]), round(seconds * meta["audio_rate"])
+    first, last = a0 // per, min((a0 + n - 1) // per, len(pieces) - 1)
+    track = [decode_flac(pieces[k], decoder) for k in range(first, last + 1)]
+    window = np.concatenate(track or [np.zeros(0, np.int16)])[a0 - first * per:][:n].astype(np.float32)
     return torch.from_numpy(np.pad(window, (0, n - len(window))))
 
 
@@ -171,8 +177,7 @@ class ShardSamples(Dataset):
         else:
             starts = [int(span * j / max(1, cfg.eval_clips - 1)) for j in range(cfg.eval_clips)]
         clips = [torch.from_numpy(decode_clip(m["segs"], m["info"], s, T, self.decoder)) for s in starts]
-        track = decode_flac(m["flac"], self.decoder).astype(np.float32)
-        audio = [log_mel(audio_window(track, s, self.fps, T / self.fps, cfg.audio.rate)
+        audio = [log_mel(audio_clip(m["flac"], m["info"], s, T / self.fps, self.decoder)
                          * (rng.uniform(*cfg.audio.volume_jitter) if self.kind == "pretrain" else 1.0),
                          cfg.audio, self.filters) for s in starts]
         out = {"label": meta["label_index"], "has_audio": bool(meta["has_audio"]), "key": key}

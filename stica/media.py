@@ -11,6 +11,8 @@ import itertools
 import av
 import numpy as np
 
+from stica.shards import split_audio
+
 
 def iter_frames(segment: bytes):
     """The video frames of one packed segment, decoded on one thread."""
@@ -44,6 +46,11 @@ def decode_flac(flac: bytes, decoder: str = "pyav") -> np.ndarray:
         return (AudioDecoder(flac).get_all_samples().data[0] * 32768).round().numpy().astype(np.int16)
     with av.open(io.BytesIO(flac)) as c:
         return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+
+
+def decode_track(flac: bytes, info: bytes, decoder: str = "pyav") -> np.ndarray:
+    """A packed sample's whole audio track (int16), its segments decoded one after another."""
+    return np.concatenate([decode_flac(piece, decoder) for piece in split_audio(flac, info)])
 
 
 def torchcodec_missing() -> str | None:

@@ -1,4 +1,4 @@
-"""The shard contract (format v1): what `stica-shard` writes and every reader relies on.
+"""The shard contract (format v2): what `stica-shard` writes and every reader relies on.
 
 A sample KEY in a GNU tar shard has these members:
 
@@ -8,9 +8,14 @@ A sample KEY in a GNU tar shard has these members:
             5x a clip at frame 0 (research/dali.md); with segments a reader decodes only
             the one or two segments a clip touches, whatever its start.
   KEY.flac  mono audio at `audio_rate`, sample 0 at video frame 0, same duration as the
-            video (silence with has_audio=0 when packed with --allow-no-audio).
+            video (silence with has_audio=0 when packed with --allow-no-audio), as one
+            complete FLAC file per video segment, back to back: segment k holds samples
+            [k P, (k + 1) P), P = seg_frames * audio_rate // fps, the last one the rest.
+            DALI 2.4's audio decoder cannot start at an offset, and decoding a 10-s track
+            whole to cut the second a clip needs cost 5-9 ms of CPU a clip (format v1).
   KEY.info  int32 vector read in-graph by DALI (layout: INFO_FIELDS, then the
-            num_segments + 1 byte offsets of the segments inside KEY.segs).
+            num_segments + 1 byte offsets of the video segments inside KEY.segs, then
+            the num_segments + 1 byte offsets of the audio segments inside KEY.flac).
   KEY.json  metadata for people and Python readers.
   KEY.cls   label index as text (the webdataset convention).
 
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MEMBERS = ("segs", "flac", "info", "json", "cls")
 INFO_FIELDS = (
     "version", "num_frames", "fps", "width", "height", "has_audio", "label_index",
@@ -35,8 +40,8 @@ INFO = {name: i for i, name in enumerate(INFO_FIELDS)}
 INFO_OFFSETS = len(INFO_FIELDS)
 
 
-def pack_info(meta: dict, offsets: list[int]) -> bytes:
-    values = [meta[name] for name in INFO_FIELDS] + list(offsets)
+def pack_info(meta: dict, offsets: list[int], audio_offsets: list[int]) -> bytes:
+    values = [meta[name] for name in INFO_FIELDS] + list(offsets) + list(audio_offsets)
     return np.asarray(values, dtype="<i4").tobytes()
 
 
@@ -44,13 +49,28 @@ def parse_info(raw: bytes | np.ndarray) -> tuple[dict, np.ndarray]:
     arr = np.frombuffer(raw, dtype="<i4") if isinstance(raw, (bytes, bytearray)) else np.asarray(raw)
     meta = {name: int(arr[i]) for i, name in enumerate(INFO_FIELDS)}
     if meta["version"] != FORMAT_VERSION:
-        raise ValueError(f"shard format v{meta['version']} is not supported (this reader is v{FORMAT_VERSION})")
+        raise ValueError(f"shard format v{meta['version']} is not supported (this reader is v{FORMAT_VERSION}; "
+                         "repack with this version's stica-shard)")
     return meta, arr[INFO_OFFSETS:INFO_OFFSETS + meta["num_segments"] + 1]
+
+
+def audio_segment_samples(meta: dict) -> int:
+    """P: the samples of every audio segment but the last, at the packed rate."""
+    return meta["seg_frames"] * meta["audio_rate"] // meta["fps"]
 
 
 def split_segments(segs: bytes, info: bytes | np.ndarray) -> list[bytes]:
     _, offsets = parse_info(info)
     return [segs[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def split_audio(flac: bytes, info: bytes | np.ndarray) -> list[bytes]:
+    """The audio segments of KEY.flac, one complete FLAC file each."""
+    meta, _ = parse_info(info)
+    arr = np.frombuffer(info, dtype="<i4") if isinstance(info, (bytes, bytearray)) else np.asarray(info)
+    start = INFO_OFFSETS + meta["num_segments"] + 1
+    offsets = arr[start:start + meta["num_segments"] + 1]
+    return [flac[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def part_tag(part: tuple[int, int] | None) -> str:
@@ -69,7 +89,8 @@ def load_manifest(root: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: no manifest; is this a stica-shard output directory?")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format v{manifest.get('format_version')} is not v{FORMAT_VERSION}")
+        raise ValueError(f"{path}: format v{manifest.get('format_version')} is not v{FORMAT_VERSION}; repack with "
+                         "this version's stica-shard (v2 packs the audio in segments, as the video)")
     return manifest
 
 

@@ -57,6 +57,8 @@ def test_gpu_check_without_a_gpu_runs_what_it_can_and_lists_what_it_skipped(tmp_
     assert all("no CUDA GPU" in c["detail"] for c in tests["cases"])
     assert {r["decode"] for r in results["loader"]} == {"cpu"} and all(r["clips_per_s"] > 0 for r in results["loader"])
     assert results["end_to_end"]["steps"] == 4 and results["end_to_end"]["clips_per_s"] > 0
+    side = {r["stage"].split(" (")[0]: r for r in results["loader_cpu_side"]}
+    assert side["+ video decode"]["cpu_ms_per_clip"] > 0 and side["the hybrid loader"]["note"] == "needs a CUDA GPU"
     skipped = "\n".join(results["skipped"])
     for part in ("model: needs a CUDA GPU", "nvdec_smallest_frame", "loader mixed and hybrid", "targets"):
         assert part in skipped

@@ -409,6 +409,45 @@ def test_audio_window_is_aligned_to_its_first_frame_within_10_ms(shards):
     assert checked == 8
 
 
+def test_a_clips_audio_comes_from_its_segments_alone_and_equals_the_tracks_window(shards):
+    """The graph and the reference loader decode only the audio segments a clip's second touches:
+    the samples must equal that second of the whole track, at a segment's start, inside one, across
+    a seam, at the last clip start and running past the end (zeros there)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from stica.media import decode_track
+    from stica.pipelines.clips import audio_clip, read_shards
+    from stica.pipelines.reference import audio_clip as reference_audio_clip
+    from stica.shards import parse_info, read_index, shard_paths
+
+    tars, idxs = shard_paths(shards, "train")
+    starts = [0, 30, 47, 59, 90, 110]  # 4-s videos, 30-frame (1-s) segments
+    members = []
+    for tar, idx in zip(tars, idxs):
+        with open(tar, "rb") as f:
+            for _, m in read_index(idx):
+                members.append({ext: (f.seek(m[ext][0]), f.read(m[ext][1]))[1] for ext in ("flac", "info")})
+    members = members[:len(starts)]
+
+    @pipeline_def(batch_size=len(starts), num_threads=1, device_id=None)
+    def windows():
+        _, flac, info, _ = read_shards(tars, idxs, 0, 1, shuffle=False, shuffle_buffer=1)
+        start = fn.external_source(source=lambda: [np.int32(s) for s in starts], batch=True, dtype=types.INT32)
+        return audio_clip(flac, info, start, 30, 1.0, 24000, 30)
+
+    pipe = windows()
+    pipe.build()
+    (out,) = pipe.run()
+    for i, (start, m) in enumerate(zip(starts, members)):
+        meta, _ = parse_info(m["info"])
+        track = decode_track(m["flac"], m["info"]).astype(np.float32)
+        expected = np.pad(track[start * 800:][:24000], (0, max(0, 24000 - len(track[start * 800:]))))
+        assert meta["num_frames"] == 120
+        np.testing.assert_array_equal(np.array(out.at(i)), expected, err_msg=f"start {start}")
+        np.testing.assert_array_equal(reference_audio_clip(m["flac"], m["info"], start, 1.0).numpy(), expected)
+    assert np.abs(np.array(out.at(5))[10 * 800:]).max() == 0 and np.abs(np.array(out.at(5))[: 10 * 800]).max() > 1000
+
+
 def test_dali_loader_resumes_mid_epoch_and_rotates_data_across_ranks(shards):
     cfg = config(shards, "data.batch_size=1")
     fresh = build_loader(cfg)

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from stica.shards import parse_info, split_segments
+from stica.shards import parse_info, split_audio, split_segments
 from stica.tools.synth import gray_frame, write_av
-from stica.media import decode_flac, decode_segment
+from stica.media import decode_flac, decode_segment, decode_track
 from stica.tools.transcode import PackError, PackOptions, encode_flac, transcode
 
 from conftest import SIZE, make_clip
@@ -60,7 +60,7 @@ def test_audio_is_aligned_to_video_frame_zero(tmp_path, suffix, tolerance_ms):
     bright = np.array([f.mean() > 128 for f in frames_of(result)])
     onsets_v = np.flatnonzero(bright[1:] & ~bright[:-1]) + 1
     assert list(onsets_v) == [round(e * 30) for e in events]
-    audio = decode_flac(result["members"]["flac"]).astype(np.float32)
+    audio = decode_track(result["members"]["flac"], result["members"]["info"]).astype(np.float32)
     assert len(audio) == result["meta"]["audio_samples"] == 60 * 800
     loud = np.convolve(np.abs(audio) > 3000, np.ones(48), "same") > 0
     onsets_a = np.flatnonzero(loud[1:] & ~loud[:-1]) + 1
@@ -76,6 +76,25 @@ def test_info_member_describes_the_segments(tmp_path):
     assert (meta["width"], meta["height"]) == (86, 64)  # short side 64, even width
     assert offsets[0] == 0 and offsets[-1] == len(result["members"]["segs"])
     assert [len(decode_segment(s)) for s in split_segments(result["members"]["segs"], result["members"]["info"])] == [10] * 6
+
+
+def test_audio_is_packed_in_segments_aligned_with_the_video_ones(tmp_path):
+    """One complete FLAC file per video segment (10 frames at 30 fps: 8,000 samples at 24 kHz),
+    the last one the rest, no header padding; together they are the track."""
+    path = write_av(tmp_path / "a.mkv", lambda t: gray_frame(100, SIZE), [i / 30 for i in range(55)],
+                    lambda t: 0.5 * np.sin(2 * np.pi * 440 * t), size=SIZE)
+    members = transcode(path, "a", "x", 0, OPTS)["members"]
+    meta, _ = parse_info(members["info"])
+    pieces = split_audio(members["flac"], members["info"])
+    assert len(pieces) == meta["num_segments"] == 6 and all(p[:4] == b"fLaC" for p in pieces)
+    assert b"".join(pieces) == members["flac"]
+    assert [len(decode_flac(p)) for p in pieces] == [8000] * 5 + [55 * 800 - 5 * 8000]
+    track = decode_track(members["flac"], members["info"]).astype(float)
+    assert len(track) == meta["audio_samples"] and np.abs(track).max() > 10000
+    expected = 0.5 * 32767 * np.sin(2 * np.pi * 440 * np.arange(len(track)) / 24000)
+    assert np.corrcoef(track[2000:], expected[2000:])[0, 1] > 0.99  # continuous across the segment seams
+    silent = encode_flac(np.zeros(8000, np.int16), 24000)
+    assert len(silent) < 400  # FFmpeg's muxer would reserve 8 KiB of padding in each
 
 
 def corrupt_after(path, start, out):
@@ -116,7 +135,7 @@ def test_no_audio_packs_as_silence_when_allowed(tmp_path):
     opts = PackOptions(short_side=64, seg_frames=10, allow_no_audio=True)
     result = transcode(make_clip(tmp_path / "silent.mp4", audio=False), "s", "x", 0, opts)
     assert result["meta"]["has_audio"] == 0
-    audio = decode_flac(result["members"]["flac"])
+    audio = decode_track(result["members"]["flac"], result["members"]["info"])
     assert len(audio) == 60 * 800 and not audio.any()
 
 
@@ -149,7 +168,7 @@ def test_one_corrupt_packet_is_concealed_and_counted(tmp_path, suffix, kind):
     result = transcode(damage_packets(path, kind), "clip", "x", 0, OPTS)
     meta = result["meta"]
     assert meta["num_frames"] == 240 and len(frames_of(result)) == 240
-    assert len(decode_flac(result["members"]["flac"])) == meta["audio_samples"]
+    assert len(decode_track(result["members"]["flac"], result["members"]["info"])) == meta["audio_samples"]
     # H.264, AAC and FLAC report the packet, which is then concealed and counted; MPEG-4 Part 2
     # and AC3 may conceal the damage inside the decoder, with nothing to count.
     counted = meta["concealed_packets"]
@@ -197,7 +216,7 @@ def test_audio_after_a_gap_in_its_timestamps_stays_with_its_picture(tmp_path):
             c.mux(aus.encode(frame))
         c.mux(aus.encode())
     result = transcode(path, "gap", "x", 0, OPTS)
-    audio = decode_flac(result["members"]["flac"]).astype(np.float32)
+    audio = decode_track(result["members"]["flac"], result["members"]["info"]).astype(np.float32)
     loud = np.convolve(np.abs(audio) > 8000, np.ones(48), "same") > 0
     onsets = np.flatnonzero(loud[1:] & ~loud[:-1]) + 1
     heard = [k for k in clicks if not 4.0 <= k < 4.5]

@@ -230,7 +230,7 @@ def _stage_pipeline(cfg, opts, tars, idxs, threads: int, video=False, audio=Fals
     clip as it is; its outputs are dropped."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from stica.pipelines.clips import audio_window, decode_audio, decode_clip, field, read_shards
+    from stica.pipelines.clips import audio_clip, decode_clip, field, read_shards
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=threads, device_id=0 if to_gpu else None,
                   prefetch_queue_depth=cfg.prefetch, exec_dynamic=True, seed=cfg.seed)
@@ -244,7 +244,7 @@ def _stage_pipeline(cfg, opts, tars, idxs, threads: int, video=False, audio=Fals
         if video:
             outs[0] = decode_clip(segs, info, start, T, opts["seg_frames"], "cpu")
         if audio:
-            outs[1] = audio_window(decode_audio(flac, cfg.audio.rate), start, fps, T / fps, cfg.audio.rate)
+            outs[1] = audio_clip(flac, info, start, fps, T / fps, cfg.audio.rate, opts["seg_frames"])
         if to_gpu:
             outs[:2] = [o.gpu() for o in outs[:2]]
         return tuple(outs)

@@ -4,7 +4,8 @@ several times, so on a machine lent by the minute run them as a second call (`--
 
 Runs the gpu-marked tests, the model preset (Table 1f strategies, bf16), the STiCA step's levers
 (model.conv, train.compile), NVDEC's smallest frame, the loader in mixed, hybrid and cpu modes
-beside the reference loader, NVDEC vs CPU clip cost, 120 end-to-end trainer steps on generated
+beside the reference loader, the CPU time per clip of each part of the hybrid loader's CPU side,
+NVDEC vs CPU clip cost, 120 end-to-end trainer steps on generated
 real-looking shards at 128 px, and the trainer at batch 8, 32 and the largest, eager and compiled. Every part
 runs on its own: one that fails is reported with its error and the rest still run. Writes
 report.md, results.json, CSVs and bench.png naming the GPU, the date and the commit. Without a
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from stica.tools.bench_loader import cpu_side
 from stica.tools.bench_model import run_model
 from stica.tools.bench_train import run_end_to_end
 from stica.tools.measure import KINETICS_TRAIN, device_name, loader_table, write_csv
@@ -43,8 +45,8 @@ class Skip(Exception):
     """A part that cannot run on this machine, with the reason."""
 
 
-PARTS = ("gpu_tests", "model", "step_levers", "shards", "nvdec_smallest_frame", "loader", "clip_cost", "end_to_end",
-         "end_to_end_batches")
+PARTS = ("gpu_tests", "model", "step_levers", "shards", "nvdec_smallest_frame", "loader", "loader_cpu_side", "clip_cost",
+         "end_to_end", "end_to_end_batches")
 STICA = "Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)"
 
 
@@ -302,6 +304,13 @@ def markdown(results: dict) -> str:
     if isinstance(results.get("loader"), list):
         out += ["## Loader only (two 112^2 views + spectrogram, 30 frames, batch 8)", "",
                 *loader_table(results["loader"]), ""]
+    if isinstance(results.get("loader_cpu_side"), list):
+        out += ["## CPU time per clip, part by part (batch 8; each part row adds to the row above)", "",
+                "| part | CPU ms per clip (min-max) | this part |", "|---|---|---|"]
+        out += [f"| {r['stage']} | {r['note']} | |" if r["cpu_ms_per_clip"] is None else
+                f"| {r['stage']} | {r['cpu_ms_per_clip']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
+                f"{'' if r['stage_ms'] is None else format(r['stage_ms'], '+.1f')} |" for r in results["loader_cpu_side"]]
+        out.append("")
     if isinstance(results.get("clip_cost"), list):
         out += ["## Decode cost of a 30-frame clip by start frame (batch 8)", "",
                 "| decoder | start | ms per clip (min-max) |", "|---|---|---|"]
@@ -426,7 +435,7 @@ def main(out: Path, preset: dict, parts: tuple[str, ...] = PARTS) -> int:
         return nvdec_smallest_frame()
 
     part("nvdec_smallest_frame", nvdec, needs_gpu=True)
-    on_shards = ("loader", "clip_cost", "end_to_end", "end_to_end_batches")
+    on_shards = ("loader", "loader_cpu_side", "clip_cost", "end_to_end", "end_to_end_batches")
     if set(on_shards) & set(parts):
         parts = (*parts, "shards")
     shard_dir = part("shards", shards)
@@ -434,6 +443,9 @@ def main(out: Path, preset: dict, parts: tuple[str, ...] = PARTS) -> int:
         part("loader", lambda: loader_modes(Path(shard_dir), gpu, batches=20 if gpu else 2, repeats=3 if gpu else 1))
         if not gpu:
             results["skipped"].append("loader mixed and hybrid modes: need a CUDA GPU")
+        # Where the hybrid loader's CPU time goes, part by part, on as many threads as the loader rows.
+        part("loader_cpu_side", lambda: cpu_side(shard_dir, batch_size=8, threads=min(os.cpu_count() or 1, 8),
+                                                 batches=20 if gpu else 2, repeats=3 if gpu else 1))
         part("clip_cost", lambda: clip_costs(Path(shard_dir), gpu))
         e2e = dict(width=1.0, batch=8, e2e_steps=120, log_every=10) if gpu else \
             dict(width=0.125, batch=4, e2e_steps=4, log_every=1)
@@ -455,7 +467,7 @@ def main(out: Path, preset: dict, parts: tuple[str, ...] = PARTS) -> int:
     print(report)
     (out / "report.md").write_text(report)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    for name in ("model", "loader", "clip_cost", "nvdec_smallest_frame"):
+    for name in ("model", "loader", "loader_cpu_side", "clip_cost", "nvdec_smallest_frame"):
         if isinstance(results.get(name), list):
             write_csv(results[name], out / f"{name}.csv")
     plot(results, out / "bench.png")
