@@ -306,9 +306,9 @@ def markdown(results: dict) -> str:
                 *loader_table(results["loader"]), ""]
     if isinstance(results.get("loader_cpu_side"), list):
         out += ["## CPU time per clip, part by part (batch 8; each part row adds to the row above)", "",
-                "| part | CPU ms per clip (min-max) | this part |", "|---|---|---|"]
+                "| part | CPU ms per clip (fastest, slowest) | this part |", "|---|---|---|"]
         out += [f"| {r['stage']} | {r['note']} | |" if r["cpu_ms_per_clip"] is None else
-                f"| {r['stage']} | {r['cpu_ms_per_clip']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
+                f"| {r['stage']} | {r['cpu_ms_per_clip']:.1f} ({r['ms_max']:.1f}) | "
                 f"{'' if r['stage_ms'] is None else format(r['stage_ms'], '+.1f')} |" for r in results["loader_cpu_side"]]
         out.append("")
     if isinstance(results.get("clip_cost"), list):
