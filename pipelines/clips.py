@@ -10,7 +10,7 @@ import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
-from stica.shards import INFO, INFO_OFFSETS
+from stica.shards import INFO, INFO_OFFSETS, audio_segment_samples
 
 KEY_BYTES = 1024  # source_info ("path:offset:KEY.segs") padded to a fixed size, so batches stack
 
@@ -94,7 +94,7 @@ def audio_clip(flac, info, start, fps: int, seconds: float, rate: int, seg_frame
     calls. A call past the last segment decodes that one again; the trim to the track's end
     drops it, so the window reads zeros there."""
     n = int(round(seconds * rate))
-    per = seg_frames * rate // fps
+    per = audio_segment_samples(seg_frames, rate, fps)
     calls = math.ceil((n - 1) / per) + 1
     nseg = field(info, "num_segments")
     audio_offsets = INFO_OFFSETS + 1 + nseg  # after the video segments' offsets
@@ -109,7 +109,7 @@ def audio_clip(flac, info, start, fps: int, seconds: float, rate: int, seg_frame
     audio = fn.cat(*pieces) if calls > 1 else pieces[0]
     left = fn.cast(fn.cast(field(info, "audio_samples"), dtype=types.FLOAT) * (rate / field(info, "audio_rate")),
                    dtype=types.INT32) - first * per  # samples of the track from segment `first` on
-    audio = fn.slice(audio, fn.reshape(a0 * 0, shape=[1]), fn.reshape(left, shape=[1]), axes=[0],
+    audio = fn.slice(audio, fn.reshape(_scalar(0), shape=[1]), fn.reshape(left, shape=[1]), axes=[0],
                      out_of_bounds_policy="trim_to_shape")
     audio = fn.slice(audio, fn.reshape(a0 - first * per, shape=[1]), [n], axes=[0], out_of_bounds_policy="pad")
     return fn.cast(audio, dtype=types.FLOAT)  # raw int16 amplitudes, as the reference's filterbank saw them

@@ -138,7 +138,8 @@ def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int, decoder: 
 def audio_clip(flac: bytes, info: bytes, start: int, seconds: float, decoder: str = "pyav") -> torch.Tensor:
     """The clip's audio (float, packed rate), decoded from the audio segments it touches only."""
     meta, _ = parse_info(info)
-    per, pieces = audio_segment_samples(meta), split_audio(flac, info)
+    per = audio_segment_samples(meta["seg_frames"], meta["audio_rate"], meta["fps"])
+    pieces = split_audio(flac, info)
     a0, n = round(start * meta["audio_rate"] / meta["fps"]), round(seconds * meta["audio_rate"])
     first, last = a0 // per, min((a0 + n - 1) // per, len(pieces) - 1)
     track = [decode_flac(pieces[k], decoder) for k in range(first, last + 1)]

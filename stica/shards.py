@@ -54,9 +54,9 @@ def parse_info(raw: bytes | np.ndarray) -> tuple[dict, np.ndarray]:
     return meta, arr[INFO_OFFSETS:INFO_OFFSETS + meta["num_segments"] + 1]
 
 
-def audio_segment_samples(meta: dict) -> int:
-    """P: the samples of every audio segment but the last, at the packed rate."""
-    return meta["seg_frames"] * meta["audio_rate"] // meta["fps"]
+def audio_segment_samples(seg_frames: int, rate: int, fps: int) -> int:
+    """P: the samples at `rate` of every audio segment but the last."""
+    return seg_frames * rate // fps
 
 
 def split_segments(segs: bytes, info: bytes | np.ndarray) -> list[bytes]:

@@ -15,7 +15,7 @@ import av
 import numpy as np
 
 from stica.media import decode_flac, iter_frames
-from stica.shards import FORMAT_VERSION, pack_info
+from stica.shards import FORMAT_VERSION, audio_segment_samples, pack_info
 
 CODECS = {  # name -> (encoder, container, options)
     # bf=0 / lag-free settings: DALI's index drops packets with negative pts (research/dali.md).
@@ -254,7 +254,7 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
     pcm = np.pad(pcm, (0, audio_pad))[:audio_samples]
     # One FLAC file per video segment (the shard contract, stica/shards.py): a clip's second is
     # then decoded from the one or two segments it touches.
-    per = opts.seg_frames * opts.audio_rate // opts.fps
+    per = audio_segment_samples(opts.seg_frames, opts.audio_rate, opts.fps)
     bounds = [k * per for k in range(len(segments))] + [audio_samples]
     flacs = [encode_flac(pcm[a:b], opts.audio_rate) for a, b in zip(bounds[:-1], bounds[1:])]
     validate(segments, encoder.lengths, flacs, [b - a for a, b in zip(bounds[:-1], bounds[1:])], path)
