@@ -15,15 +15,26 @@ from stica.shards import INFO, INFO_OFFSETS, audio_segment_samples
 KEY_BYTES = 1024  # source_info ("path:offset:KEY.segs") padded to a fixed size, so batches stack
 
 
-def read_shards(tars, idxs, shard_id, num_shards, shuffle: bool, shuffle_buffer: int):
-    """Every rank sees the same number of samples (pad_last_batch) so DDP ranks stay in step."""
+def read_shards(tars, idxs, shard_id, num_shards, shuffle: bool, shuffle_buffer: int, seed: int):
+    """Every rank sees the same number of samples (pad_last_batch) so DDP ranks stay in step.
+    The seed is explicit: DALI seeds an operator left unseeded by its place in the graph, and
+    graphs that must draw the same order (the training graph, the nvdec mode's, the replay that
+    finds a damaged sample) differ in what follows the reader."""
     segs, flac, info = fn.readers.webdataset(
         paths=tars, index_paths=idxs, ext=["segs", "flac", "info"],
         dtypes=[types.UINT8, types.UINT8, types.INT32], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=shuffle_buffer,
-        pad_last_batch=True, name="reader")
+        pad_last_batch=True, seed=seed, name="reader")
     key = fn.pad(fn.get_property(segs, key="source_info"), axes=[0], shape=[KEY_BYTES])
     return segs, flac, info, key
+
+
+def clip_start(info, num_frames: int, seed: int):
+    """Each video's clip start, uniform over the frames where a whole clip fits; videos shorter
+    than a clip start at 0 (edge-padded). Seeded explicitly, as the reader."""
+    span = fn.cast(field(info, "num_frames") - num_frames + 1, dtype=types.FLOAT)
+    start = fn.cast(fn.random.uniform(range=[0.0, 1.0], seed=seed) * span, dtype=types.INT32)
+    return start * fn.cast(span > 0, dtype=types.INT32)
 
 
 def parse_source_info(raw) -> tuple[str, int, str]:

@@ -33,7 +33,7 @@ def batch_members(tars, idxs, batch_size: int, shard_id: int, num_shards: int, s
 
     @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, seed=seed, exec_dynamic=True)
     def reader():
-        return read_shards(tars, idxs, shard_id, num_shards, shuffle=True, shuffle_buffer=shuffle_buffer)
+        return read_shards(tars, idxs, shard_id, num_shards, shuffle=True, shuffle_buffer=shuffle_buffer, seed=seed)
 
     pipe = reader()
     pipe.build()

@@ -27,7 +27,7 @@ def spatial_crops(clip, size: int, crops: int, mean, std, out_dtype):
 
 @pipeline_def
 def eval_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int, num_shards: int, mode: str):
-    segs, flac, info, key = read_shards(tars, idxs, shard_id, num_shards, shuffle=False, shuffle_buffer=1)
+    segs, flac, info, key = read_shards(tars, idxs, shard_id, num_shards, shuffle=False, shuffle_buffer=1, seed=0)
     T = cfg.num_frames
     out_dtype = output_dtype(cfg, mode)
     starts = clip_starts(field(info, "num_frames"), T, cfg.eval_clips)

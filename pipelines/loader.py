@@ -15,34 +15,49 @@ from stica.shards import load_manifest, shard_paths
 # Smallest frame NVDEC decodes, per codec (NVIDIA's NVDEC application note lists minimum sizes;
 # VP9's is 128x128). `stica-bench --gpu-check` probes the real limit on the GPU at hand.
 NVDEC_MIN_SIDE = {"vp9": 128, "h264": 48}
-MODES = ("auto", "cpu", "hybrid", "mixed")
+MODES = ("auto", "cpu", "hybrid", "mixed", "nvdec")
 
 
-def resolve_device(name: str, codec: str, short_side: int, shards="shards") -> str:
+def resolve_device(name: str, codec: str, short_side: int, shards="shards", measured: str | None = None) -> str:
     """Where clips are decoded and augmented: cpu (both on the CPU), hybrid (CPU decode, GPU
-    augmentation and spectrogram) or mixed (NVDEC decode, GPU augmentation).
+    augmentation and spectrogram), mixed (DALI's NVDEC decode, GPU augmentation) or nvdec
+    (long-lived NVDEC sessions, pipelines/nvdec.py, then the same GPU augmentation).
 
     auto: cpu without a GPU; mixed for H.264 (DALI's CPU decoder cannot read it); hybrid for
     VP9. At the default 128-px short side a 30-frame VP9 clip costs a CPU core about 7 ms
     (research/dali.md), so 150 clips/s take about one core, while NVDEC pays a per-call set-up
     and peers measure CPU decoding faster on small frames (torchcodec: 86 vs 15 frames/s at
-    540p). `stica-bench --gpu-check` measures all three modes side by side on the GPU at hand.
+    540p). `stica-bench --gpu-check` measures the modes side by side on the GPU at hand; auto picks
+    nvdec only where such a report (data.gpu_check) found it the fastest on this GPU: `measured`.
     """
     if name not in MODES:
         raise ValueError(f"data.device must be one of {', '.join(MODES)}, not {name!r}")
     gpu = torch.cuda.is_available()
     if name == "auto":
-        name = "cpu" if not gpu else "mixed" if codec == "h264" else "hybrid"
+        name = "cpu" if not gpu else "nvdec" if measured == "nvdec" else "mixed" if codec == "h264" else "hybrid"
     if name != "cpu" and not gpu:
         raise ValueError(f"data.device={name} needs a GPU and none is visible; use data.device=cpu")
-    if codec != "vp9" and name != "mixed":
-        raise ValueError(f"{shards}: {codec} shards decode only on the GPU (data.device=mixed); DALI's CPU "
-                         "decoder takes VP8, VP9 and MJPEG (repack with --codec vp9 for CPU decoding)")
-    if name == "mixed" and short_side < NVDEC_MIN_SIDE[codec]:
+    if codec != "vp9" and name not in ("mixed", "nvdec"):
+        raise ValueError(f"{shards}: {codec} shards decode only on the GPU (data.device=mixed or nvdec); DALI's "
+                         "CPU decoder takes VP8, VP9 and MJPEG (repack with --codec vp9 for CPU decoding)")
+    if name in ("mixed", "nvdec") and short_side < NVDEC_MIN_SIDE[codec]:
         raise ValueError(f"{shards}: packed at short side {short_side}, below NVDEC's {NVDEC_MIN_SIDE[codec]}-px "
                          f"minimum for {codec}; repack with --short-side {NVDEC_MIN_SIDE[codec]} (the default 128) "
                          "or decode on the CPU (data.device=hybrid or cpu)")
     return name
+
+
+def measured_fastest(report: str | None, codec: str) -> str | None:
+    """The fastest loader mode a `stica-bench --gpu-check` report (its results.json) measured on
+    this machine's GPU for shards of `codec`, or None (no report, or another GPU)."""
+    if not report or not torch.cuda.is_available():
+        return None
+    import json
+
+    results = json.loads(Path(report).read_text())
+    if results["header"]["device"] != torch.cuda.get_device_name():
+        return None
+    return results.get("fastest_mode", {}).get(codec)
 
 
 def keys_from_source_info(raw: torch.Tensor) -> list[str]:
@@ -61,12 +76,12 @@ class DaliLoader:
     """
 
     def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
-                 state: dict | None = None, bad_samples: list[dict] = ()):
+                 state: dict | None = None, bad_samples: list[dict] = (), device: str | None = None):
         from stica.pipelines.damaged import Substitutes
 
         self.cfg, self.rank, self.world, self.local_rank, self.kind = cfg, rank, world, local_rank, kind
         self.opts = load_manifest(cfg.shards)["options"]
-        self.device = resolve_device(cfg.device, self.opts["codec"], self.opts["short_side"], cfg.shards)
+        self.device = device or resolve_device(cfg.device, self.opts["codec"], self.opts["short_side"], cfg.shards)
         self.video_names = [f"view{i}" for i in range(cfg.views)] if kind == "pretrain" else ["video"]
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
         self.substitutes, self.bad_samples, self.new_bad_samples = Substitutes(), [], []
@@ -96,7 +111,7 @@ class DaliLoader:
         if self.kind == "pretrain":
             from stica.pipelines.pretrain import pretrain_pipeline
 
-            pipe = pretrain_pipeline(*args, reader["shard_id"], self.world, self.device, **common)
+            pipe = pretrain_pipeline(*args, reader["shard_id"], self.world, self.device, reader["seed"], **common)
         else:
             from stica.pipelines.evaluation import eval_pipeline
 
@@ -175,7 +190,7 @@ class DaliLoader:
             members = batch_members(reader["tars"], reader["idxs"], self.cfg.batch_size, reader["shard_id"],
                                     self.world, self.cfg.shuffle_buffer, reader["seed"], batch)
             for m in members:
-                reason = probe(m, "mixed" if self.device == "mixed" else "cpu", self.cfg.audio.rate, self.local_rank)
+                reason = probe(m, "cpu" if self.device in ("cpu", "hybrid") else "mixed", self.cfg.audio.rate, self.local_rank)
                 if reason:
                     found.append({"shard": Path(m["tar"]).name, "key": m["key"], "offset": m["offset"],
                                   "reason": reason, "epoch": self.epoch, "batch": batch, "rank": self.rank})
@@ -220,14 +235,24 @@ _libc = _glibc()
 
 def build_loader(cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
                  backend: str = "dali", workers: int = 2, state: dict | None = None, bad_samples: list[dict] = ()):
-    """backend: 'dali' (the product), 'reference' (PyAV + torch in DataLoader workers) or
-    'torchcodec' (the reference loader decoding with torchcodec); state: a loader.state_dict()
+    """backend: 'dali' (the product), 'reference' (PyAV + torch in DataLoader workers),
+    'torchcodec' or 'spdl' (the reference loader decoding with torchcodec or spdl-io); state: a loader.state_dict()
     to continue from (resuming a run); bad_samples: damaged samples found earlier (DALI only)."""
     if backend == "dali":
-        return DaliLoader(cfg, rank, world, local_rank, kind, state=state, bad_samples=bad_samples)
-    if backend in ("reference", "torchcodec"):
+        opts = load_manifest(cfg.shards)["options"]
+        device = resolve_device(cfg.device, opts["codec"], opts["short_side"], cfg.shards,
+                                measured_fastest(cfg.gpu_check, opts["codec"]))
+        if device == "nvdec":
+            if kind != "pretrain":
+                raise ValueError("data.device=nvdec serves pretraining; evaluation decodes with data.device=hybrid "
+                                 "or mixed")
+            from stica.pipelines.nvdec import NvdecLoader
+
+            return NvdecLoader(cfg, rank, world, local_rank, state=state, bad_samples=bad_samples)
+        return DaliLoader(cfg, rank, world, local_rank, kind, state=state, bad_samples=bad_samples, device=device)
+    if backend in ("reference", "torchcodec", "spdl"):
         from stica.pipelines.reference import ReferenceLoader
 
-        decoder = "torchcodec" if backend == "torchcodec" else "pyav"
+        decoder = "pyav" if backend == "reference" else backend
         return ReferenceLoader(cfg, rank, world, local_rank, kind, workers=workers, state=state, decoder=decoder)
-    raise ValueError(f"loader backend must be dali, reference or torchcodec, not {backend!r}")
+    raise ValueError(f"loader backend must be dali, reference, torchcodec or spdl, not {backend!r}")

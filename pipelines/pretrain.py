@@ -5,7 +5,8 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from stica.pipelines.clips import audio_clip, decode_clip, field, log_mel, output_dtype, read_shards, to_augment_device
+from stica.pipelines.clips import (audio_clip, clip_start, decode_clip, field, log_mel, output_dtype, read_shards,
+                                   to_augment_device)
 
 
 def blur(x, sigma, largest: int, mode: str):
@@ -65,21 +66,29 @@ def video_view(clip, cfg, out_dtype, mode: str):
                                     dtype=out_dtype, output_layout="CFHW")
 
 
-@pipeline_def(enable_conditionals=True)
-def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int, num_shards: int, mode: str):
+def draw(tars, idxs, cfg, shard_id: int, num_shards: int, seed: int):
+    """The samples in their shuffled order and each one's clip start: the part of the graph that
+    every pretraining mode shares, so a seed gives the same clips whichever decodes them."""
     segs, flac, info, key = read_shards(tars, idxs, shard_id, num_shards, shuffle=True,
-                                        shuffle_buffer=cfg.shuffle_buffer)
-    T = cfg.num_frames
-    span = fn.cast(field(info, "num_frames") - T + 1, dtype=types.FLOAT)
-    start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32)
-    start = start * fn.cast(span > 0, dtype=types.INT32)  # videos shorter than a clip start at 0 (edge-padded)
-    clip = decode_clip(segs, info, start, T, seg_frames, mode)
-    views = [video_view(clip, cfg, output_dtype(cfg, mode), mode) for _ in range(cfg.views)]
+                                        shuffle_buffer=cfg.shuffle_buffer, seed=seed)
+    return segs, flac, info, key, clip_start(info, cfg.num_frames, (seed + 1) % 2**31)
 
-    audio = audio_clip(flac, info, start, fps, T / fps, cfg.audio.rate, seg_frames)
+
+def augment(clip, audio, cfg, mode: str):
+    """`views` augmented views of a decoded clip (FHWC uint8) and its audio's log-mel spectrogram."""
+    views = [video_view(clip, cfg, output_dtype(cfg, mode), mode) for _ in range(cfg.views)]
     lo, hi = cfg.audio.volume_jitter
     if hi > lo:
         audio = audio * fn.random.uniform(range=[lo, hi])
-    spec = log_mel(to_augment_device(audio, mode), cfg.audio)
-    label = field(info, "label_index")
-    return (*views, spec, label, field(info, "has_audio"), start, key)
+    return views, log_mel(to_augment_device(audio, mode), cfg.audio)
+
+
+@pipeline_def(enable_conditionals=True)
+def pretrain_pipeline(tars, idxs, cfg, seg_frames: int, fps: int, shard_id: int, num_shards: int, mode: str,
+                      draw_seed: int):
+    segs, flac, info, key, start = draw(tars, idxs, cfg, shard_id, num_shards, draw_seed)
+    T = cfg.num_frames
+    clip = decode_clip(segs, info, start, T, seg_frames, mode)
+    audio = audio_clip(flac, info, start, fps, T / fps, cfg.audio.rate, seg_frames)
+    views, spec = augment(clip, audio, cfg, mode)
+    return (*views, spec, field(info, "label_index"), field(info, "has_audio"), start, key)

@@ -2,7 +2,8 @@
 processes, behind the same interface as DaliLoader. It is the baseline every throughput
 figure is compared with, and the fallback where DALI is not installed. With decoder="torchcodec"
 (`data.loader=torchcodec`) the same loader decodes with torchcodec instead of PyAV: the peer
-users pick today, benchmarked beside the other two.
+users pick today, benchmarked beside the other two; decoder="spdl" (`data.loader=spdl`) decodes
+with spdl-io, the decoding library of Meta's SPDL, the loader built for this problem.
 
 Samples are read by the shards' index files (random access into the tars, as webdataset's
 `wids` does) rather than by streaming whole shards, so a DistributedSampler can give every
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from stica.media import decode_flac, segment_frames, torchcodec_missing
-from stica.shards import (audio_segment_samples, load_manifest, parse_info, read_index, shard_paths, split_audio,
-                          split_segments)
+from stica.media import decode_flac, decoder_missing, segment_frames
+from stica.shards import (audio_segment_samples, clip_pieces, load_manifest, parse_info, read_index, shard_paths,
+                          split_audio, split_segments)
 
 
 def hz_to_mel(f):
@@ -125,14 +126,11 @@ def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
 
 def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int, decoder: str = "pyav") -> np.ndarray:
     meta, _ = parse_info(info)
-    seg = meta["seg_frames"]
-    first, last = start // seg, min((start + num_frames - 1) // seg, meta["num_segments"] - 1)
     segments = split_segments(segs, info)
-    frames = []
-    for k in range(first, last + 1):
-        offset = start - first * seg if k == first else 0
-        frames += list(segment_frames(segments[k], offset, offset + num_frames - len(frames), decoder))
-    return np.stack(frames + [frames[-1]] * (num_frames - len(frames)))  # edge padding, as DALI's decoder
+    frames = [segment_frames(segments[k], first, first + count, decoder)
+              for k, first, count in clip_pieces(start, num_frames, meta["seg_frames"], meta["num_frames"])]
+    frames = np.concatenate(frames)
+    return np.concatenate([frames, frames[-1:].repeat(num_frames - len(frames), 0)])  # edge padding, as DALI's
 
 
 def audio_clip(flac: bytes, info: bytes, start: int, seconds: float, decoder: str = "pyav") -> torch.Tensor:
@@ -210,8 +208,8 @@ def eval_crops(frames: torch.Tensor, cfg) -> list[torch.Tensor]:
 class ReferenceLoader:
     def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
                  workers: int = 2, state: dict | None = None, decoder: str = "pyav"):
-        if decoder == "torchcodec" and (why := torchcodec_missing()):
-            raise RuntimeError(f"data.loader=torchcodec: torchcodec cannot run here ({why}); install it with "
+        if decoder != "pyav" and (why := decoder_missing(decoder)):
+            raise RuntimeError(f"data.loader={decoder}: {decoder} cannot run here ({why}); install it with "
                                "FFmpeg's shared libraries, or use data.loader=reference")
         self.dataset = ShardSamples(cfg, kind, seed=cfg.seed, decoder=decoder)
         self.kind, self.batch_size, self.workers = kind, cfg.batch_size, workers

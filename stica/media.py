@@ -1,7 +1,7 @@
 """Decoding the members of a packed sample (see stica/shards.py) with PyAV: the packer checks
 what it wrote with these, and the reference loader reads shards with them. torchcodec (an
 optional extra, FFmpeg's shared libraries needed) does the same for the torchcodec loader, the
-peer users pick today."""
+peer users pick today; spdl-io (Meta's SPDL, also optional) does it for the spdl loader."""
 from __future__ import annotations
 
 import importlib
@@ -34,11 +34,24 @@ def segment_frames(segment: bytes, start: int, stop: int, decoder: str = "pyav")
 
         video = VideoDecoder(segment, dimension_order="NHWC", num_ffmpeg_threads=1)
         return video.get_frames_in_range(start, min(stop, len(video))).data.numpy()
+    if decoder == "spdl":
+        import spdl.io
+
+        frames = spdl.io.decode_packets(spdl.io.demux_video(segment), num_frames=stop,
+                                        filter_desc=spdl.io.get_video_filter_desc(pix_fmt="rgb24"),
+                                        decode_config=spdl.io.decode_config(decoder_options={"threads": "1"}))
+        return spdl.io.to_numpy(spdl.io.convert_frames(frames))[start:stop]
     return np.stack([f.to_ndarray(format="rgb24") for f in itertools.islice(iter_frames(segment), start, stop)])
 
 
 def decode_flac(flac: bytes, decoder: str = "pyav") -> np.ndarray:
     """The packed mono audio track as int16 samples."""
+    if decoder == "spdl":
+        import spdl.io
+
+        frames = spdl.io.decode_packets(spdl.io.demux_audio(flac),
+                                        filter_desc=spdl.io.get_audio_filter_desc(sample_fmt="s16"))
+        return spdl.io.to_numpy(spdl.io.convert_frames(frames)).reshape(-1)
     if decoder == "torchcodec":
         from torchcodec.decoders import AudioDecoder
 
@@ -53,10 +66,13 @@ def decode_track(flac: bytes, info: bytes, decoder: str = "pyav") -> np.ndarray:
     return np.concatenate([decode_flac(piece, decoder) for piece in split_audio(flac, info)])
 
 
-def torchcodec_missing() -> str | None:
-    """Why the torchcodec decoder cannot run here (None where it can)."""
+def decoder_missing(decoder: str) -> str | None:
+    """Why an optional decoder (torchcodec, spdl) cannot run here (None where it can)."""
     try:
-        importlib.import_module("torchcodec.decoders")  # loads FFmpeg's libraries
+        if decoder == "spdl":
+            importlib.import_module("spdl.io").demux_config()  # loads FFmpeg's libraries
+        else:
+            importlib.import_module("torchcodec.decoders")  # loads FFmpeg's libraries
     except Exception as e:  # ImportError without the package, RuntimeError/OSError without FFmpeg
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
     return None

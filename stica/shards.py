@@ -54,6 +54,18 @@ def parse_info(raw: bytes | np.ndarray) -> tuple[dict, np.ndarray]:
     return meta, arr[INFO_OFFSETS:INFO_OFFSETS + meta["num_segments"] + 1]
 
 
+def clip_pieces(start: int, num_frames: int, seg_frames: int, total_frames: int) -> list[tuple[int, int, int]]:
+    """(segment k, first frame in it, frames) for the clip [start, start + num_frames): the
+    frames past the video's end are the caller's to edge-pad, as DALI's decoder does."""
+    pieces, frame = [], start
+    while frame < min(start + num_frames, total_frames):
+        k, first = divmod(frame, seg_frames)
+        count = min(seg_frames - first, start + num_frames - frame, total_frames - frame)
+        pieces.append((k, first, count))
+        frame += count
+    return pieces
+
+
 def audio_segment_samples(seg_frames: int, rate: int, fps: int) -> int:
     """P: the samples at `rate` of every audio segment but the last."""
     return seg_frames * rate // fps

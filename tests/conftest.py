@@ -78,3 +78,19 @@ def kill_after_log_lines(cmd, run_dir, lines: int, env=None, timeout: float = 30
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def damage(shards, index: int) -> str:
+    """Zero the first bytes of every video segment of one sample, in place: the tar and its index
+    stay valid, and no clip of that sample decodes."""
+    from stica.shards import parse_info, read_index, shard_paths
+
+    tars, idxs = shard_paths(shards, "train")
+    key, members = read_index(idxs[0])[index]
+    with open(tars[0], "r+b") as f:
+        f.seek(members["info"][0])
+        _, offsets = parse_info(f.read(members["info"][1]))
+        for start in offsets[:-1]:
+            f.seek(members["segs"][0] + int(start))
+            f.write(bytes(64))
+    return key

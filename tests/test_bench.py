@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from stica.media import torchcodec_missing
+from stica.media import decoder_missing
 from stica.tools.bench import main as bench_main
 from conftest import pack_demo_corpus
 
@@ -33,8 +33,9 @@ def test_quick_preset_writes_tables_and_gpu_hours_follow_from_measured_time(shar
     assert paper["Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)"] == 30.0 and paper["Default (1x112^2)"] == 17.3
     loader = list(csv.DictReader(open(out / "loader.csv")))
     measured = {("dali", "1"), ("dali", "2"), ("reference", "1"), ("reference", "2")}
-    if not torchcodec_missing():
-        measured |= {("torchcodec", "1"), ("torchcodec", "2")}
+    for peer in ("torchcodec", "spdl"):
+        if not decoder_missing(peer):
+            measured |= {(peer, "1"), (peer, "2")}
     assert {(r["backend"], r["threads_or_workers"]) for r in loader if r["clips_per_s"]} == measured
     assert all(float(r["clips_per_s"]) > 0 for r in loader if r["clips_per_s"])
     assert [r["start"] for r in results["clip_cost"]] == [0, 135, 270]
@@ -147,7 +148,7 @@ def test_loader_table_says_why_torchcodec_was_not_measured(monkeypatch):
     from stica.tools import bench_loader
     from stica.tools.measure import loader_table
 
-    monkeypatch.setattr(bench_loader, "torchcodec_missing", lambda: "RuntimeError: Could not load libtorchcodec")
+    monkeypatch.setattr(bench_loader, "decoder_missing", lambda name: "RuntimeError: Could not load libtorchcodec")
     rows = bench_loader.run_loader("unused", {"parallel": [1, 2]}, ["torchcodec"])
     assert len(rows) == 1 and rows[0]["clips_per_s"] is None
     assert "| torchcodec | not measured: RuntimeError: Could not load libtorchcodec |" in loader_table(rows)[-1]

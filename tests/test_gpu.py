@@ -17,7 +17,7 @@ from stica.config import load_config
 from stica.crops import crop_layout
 from stica.losses import stica_terms
 
-from conftest import kill_after_log_lines, level, pack_demo_corpus, pack_timecoded
+from conftest import damage, kill_after_log_lines, level, pack_demo_corpus, pack_timecoded
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible (torch.cuda.is_available())")]
@@ -286,3 +286,113 @@ def test_export_loads_into_torchvisions_r2plus1d_18_with_the_same_outputs(tmp_pa
         ours = model.video.cuda().eval()(clip).mean(dim=(2, 3, 4))
         theirs = tv.cuda().eval()(clip)
     torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-4)
+
+
+def spdl_nvdec_missing() -> str | None:
+    """Why spdl-io's NVDEC decoder (the nvdec mode's sessions) cannot run here, or None."""
+    if not CUDA:
+        return "no CUDA GPU"
+    try:
+        import spdl.io
+
+        spdl.io.cuda_config(0)
+    except Exception as e:  # not installed, or built without CUDA
+        return f"spdl-io's NVDEC decoder is unavailable: {str(e).strip().splitlines()[0][:200]}"
+    return None
+
+
+SPDL_NVDEC_MISSING = spdl_nvdec_missing() if CUDA else None
+needs_nvdec_sessions = pytest.mark.skipif(SPDL_NVDEC_MISSING is not None or DALI_GPU_MISSING is not None,
+                                          reason=str(SPDL_NVDEC_MISSING or DALI_GPU_MISSING))
+
+
+@needs_nvdec_sessions
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_nvdec_sessions_decode_the_frames_cpu_sessions_do(vp9_128, h264_128, codec):
+    """The same clips (segment edges, past the end) through 2 NVDEC sessions and a PyAV one:
+    within 3 levels, in job order, one decoder per session."""
+    from stica.pipelines.sessions import ClipJob, NvdecSession, PyAVSession, SessionPool
+    from stica.shards import clip_pieces, parse_info, read_index, shard_paths, split_segments
+
+    shards = vp9_128 if codec == "vp9" else h264_128
+    tars, idxs = shard_paths(shards, "train")
+    key, members = read_index(idxs[0])[0]
+    with open(tars[0], "rb") as f:
+        f.seek(members["segs"][0])
+        segs = f.read(members["segs"][1])
+        f.seek(members["info"][0])
+        info = f.read(members["info"][1])
+    meta, _ = parse_info(info)
+    pieces = split_segments(segs, info)
+    starts = [0, 29, 30, 59, 90, 100]
+
+    def decode(make, count, device):
+        jobs = [ClipJob(i, [(pieces[k], a, n) for k, a, n in clip_pieces(s, 30, meta["seg_frames"], meta["num_frames"])],
+                        torch.zeros((30, meta["height"], meta["width"], 3), dtype=torch.uint8, device=device))
+                for i, s in enumerate(starts)]
+        pool = SessionPool(make, count)
+        try:
+            results = pool.results(pool.submit(jobs))
+            created = pool.decoders_created
+        finally:
+            pool.close()
+        torch.cuda.synchronize()
+        assert [r.error for r in results] == [None] * len(jobs)
+        return [j.out.cpu().float() for j in jobs], created
+
+    gpu, created = decode(lambda slot: NvdecSession(codec, slot, 0), 2, "cuda")
+    cpu, _ = decode(lambda slot: PyAVSession(codec, slot), 1, "cpu")
+    assert created == [1, 1]
+    for g, c, s in zip(gpu, cpu, starts):
+        assert (g - c).abs().max() <= 3.0, (codec, s, (g - c).abs().max())
+        np.testing.assert_allclose(g.mean(dim=(1, 2, 3)).numpy(), [level(min(s + t, 119)) for t in range(30)], atol=3)
+
+
+@needs_nvdec_sessions
+def test_the_nvdec_mode_gives_hybrids_clips_with_a_decoder_a_session_and_no_sync_a_clip(vp9_128):
+    """Two epochs: the clips of the hybrid mode (starts, keys, frames within 3 levels), every session's
+    one decoder kept, and no more host syncs than batches (torch's sync debug mode counts them)."""
+    import warnings
+
+    from stica.pipelines.loader import DaliLoader
+    from stica.pipelines.nvdec import NvdecLoader
+
+    cfg = data_cfg(vp9_128, *NO_COLOUR, "data.views=1", "data.audio.volume_jitter=[1.0,1.0]", "data.sessions=3",
+                   "data.device=nvdec")
+    hybrid = DaliLoader(cfg, device="hybrid")
+    nvdec = NvdecLoader(cfg)
+    try:
+        expected = [list(hybrid), list(hybrid)]
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = [list(nvdec), list(nvdec)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= 2 * len(nvdec), [str(w.message)[:120] for w in syncs[:3]]
+        for a_epoch, b_epoch in zip(expected, got, strict=True):
+            for a, b in zip(a_epoch, b_epoch, strict=True):
+                assert a["key"] == b["key"] and a["start"].tolist() == b["start"].tolist()
+                assert b["video"][0].is_cuda and (a["video"][0].float() - b["video"][0].float()).abs().max() <= 3.0
+        assert nvdec.pool.decoders_created == [1, 1, 1]
+    finally:
+        nvdec.close()
+
+
+@needs_nvdec_sessions
+def test_the_nvdec_mode_names_a_damaged_segment_and_goes_on(tmp_path):
+    from stica.pipelines.nvdec import NvdecLoader
+
+    shards = pack_timecoded(tmp_path, short_side=128)
+    bad = damage(shards, 1)
+    loader = NvdecLoader(data_cfg(shards, "data.views=1", "data.sessions=2", "data.device=nvdec"))
+    try:
+        batches = list(loader)
+        assert len(batches) == 4 and all(len(b["key"]) == 2 for b in batches)
+        (record,) = loader.new_bad_samples
+        assert record["key"] == bad and record["reason"].startswith("segment 1 of the clip's")
+        assert bad not in [k for b in batches for k in b["key"]]
+    finally:
+        loader.close()

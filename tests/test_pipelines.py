@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stica.config import load_config
-from stica.media import torchcodec_missing
+from stica.media import decoder_missing
 from stica.pipelines.loader import build_loader
 from stica.pipelines.reference import mel_filters
 from stica.tools.shard import main as shard_main
@@ -16,10 +16,13 @@ from conftest import CHIRP, chirp, level, pack_timecoded
 
 SIZE = (96, 72)
 # The torchcodec loader is an optional extra (the peer in stica-bench's loader table).
-TORCHCODEC_MISSING = torchcodec_missing()
+TORCHCODEC_MISSING = decoder_missing("torchcodec")
 TORCHCODEC = pytest.param("torchcodec", marks=pytest.mark.skipif(
     bool(TORCHCODEC_MISSING), reason=f"torchcodec (optional) cannot run here: {TORCHCODEC_MISSING}"))
-LOADERS = ["dali", "reference", TORCHCODEC]
+SPDL_MISSING = decoder_missing("spdl")
+SPDL = pytest.param("spdl", marks=pytest.mark.skipif(
+    bool(SPDL_MISSING), reason=f"spdl-io cannot decode here (FFmpeg's shared libraries?): {SPDL_MISSING}"))
+LOADERS = ["dali", "reference", TORCHCODEC, SPDL]
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +382,7 @@ def test_dali_and_reference_loaders_decode_the_same_pixels(shards):
 def test_torchcodec_loader_says_why_it_cannot_run(shards, monkeypatch):
     import stica.pipelines.reference as reference
 
-    monkeypatch.setattr(reference, "torchcodec_missing", lambda: "RuntimeError: Could not load libtorchcodec")
+    monkeypatch.setattr(reference, "decoder_missing", lambda name: "RuntimeError: Could not load libtorchcodec")
     with pytest.raises(RuntimeError, match="Could not load libtorchcodec.*data.loader=reference"):
         build_loader(config(shards), backend="torchcodec")
 
@@ -431,7 +434,7 @@ def test_a_clips_audio_comes_from_its_segments_alone_and_equals_the_tracks_windo
 
     @pipeline_def(batch_size=len(starts), num_threads=1, device_id=None)
     def windows():
-        _, flac, info, _ = read_shards(tars, idxs, 0, 1, shuffle=False, shuffle_buffer=1)
+        _, flac, info, _ = read_shards(tars, idxs, 0, 1, shuffle=False, shuffle_buffer=1, seed=0)
         start = fn.external_source(source=lambda: [np.int32(s) for s in starts], batch=True, dtype=types.INT32)
         return audio_clip(flac, info, start, 30, 1.0, 24000, 30)
 

@@ -12,7 +12,7 @@ import torch
 
 from stica.config import load_config
 
-from conftest import kill_after_log_lines, pack_demo_corpus
+from conftest import damage, kill_after_log_lines, pack_demo_corpus
 
 TINY = ["model.width=0.125", "data.crop_size=32", "data.batch_size=4", "data.workers=0",
         "crops.space_medium=[1,2]", "crops.space_small=[2,1]", "crops.time_medium=[1,2]", "crops.time_small=[1,1]",
@@ -135,22 +135,6 @@ def test_a_misspelt_key_is_an_error_naming_the_closest_keys(config, tmp_path):
         load_config(child)
     with pytest.raises(Exception):
         cfg.data.batchsize = 4
-
-
-def damage(shards, index: int) -> str:
-    """Zero the first bytes of every video segment of one sample, in place: the tar and its index
-    stay valid, and no clip of that sample decodes."""
-    from stica.shards import parse_info, read_index, shard_paths
-
-    tars, idxs = shard_paths(shards, "train")
-    key, members = read_index(idxs[0])[index]
-    with open(tars[0], "r+b") as f:
-        f.seek(members["info"][0])
-        _, offsets = parse_info(f.read(members["info"][1]))
-        for start in offsets[:-1]:
-            f.seek(members["segs"][0] + int(start))
-            f.write(bytes(64))
-    return key
 
 
 def test_a_damaged_sample_is_named_replaced_and_known_after_resume(tmp_path):

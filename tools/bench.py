@@ -223,7 +223,7 @@ def main(argv=None):
                                                       if args.footage_shards else [])
     if "loader" in modes:
         results["loader"] = [r for name, shards in contents
-                             for r in run_loader(shards, p, ["dali", "reference", "torchcodec"], name)]
+                             for r in run_loader(shards, p, ["dali", "reference", "torchcodec", "spdl"], name)]
     if "clipcost" in modes:
         # Starts at 0, the middle and the end of a 10-s video (clamped to shorter videos).
         results["clip_cost"] = [{"start": r["start"], "seg_frames": r["seg_frames"],

@@ -9,33 +9,38 @@ import time
 import torch
 
 from stica.config import load_config
-from stica.media import torchcodec_missing
+from stica.media import decoder_missing
 from stica.pipelines.loader import build_loader
 from stica.tools.measure import DEFAULT_CONFIG, summarize, sync
 
 
 def loader_throughput(shards: str, backend: str, parallel: int, batch_size: int = 8, batches: int | None = 10,
                       repeats: int = 3, warmup: int = 2, overrides: list[str] = (), config: str = DEFAULT_CONFIG) -> dict:
-    """Clips/s (two views + spectrogram) after warm-up; `parallel` is DALI threads or DataLoader
-    workers. batches=None times whole epochs, boundaries included, after one warm-up epoch."""
+    """Clips/s (two views + spectrogram) after warm-up, and the process's CPU ms per clip (every
+    thread of it; DataLoader workers are other processes and not counted); `parallel` is DALI
+    threads or DataLoader workers. batches=None times whole epochs, boundaries included, after
+    one warm-up epoch."""
     cfg = load_config(config, [f"data.shards={shards}", f"data.batch_size={batch_size}",
                                f"data.threads={parallel}", *overrides]).data
     loader = build_loader(cfg, backend=backend, workers=parallel)
     if batches is None:
         batches = warmup = len(loader)
-    rates = []
+    rates, cpu_ms = [], []
     stream = _forever(loader)
     for _ in range(warmup):
         next(stream)
     for _ in range(repeats):
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(batches):
             next(stream)
         sync()  # GPU outputs are only ready once the device has finished them
         rates.append(batches * batch_size / (time.perf_counter() - t))
+        cpu_ms.append((time.process_time() - c) * 1000 / (batches * batch_size))
+    if hasattr(loader, "close"):
+        loader.close()
     return {"backend": backend, "parallel": parallel, "batch_size": batch_size, "clips_per_s": summarize(rates),
-            "device": getattr(loader, "device", "cpu")}
+            "cpu_ms_per_clip": summarize(cpu_ms), "device": getattr(loader, "device", "cpu")}
 
 
 def _forever(loader):
@@ -60,7 +65,7 @@ def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: 
         @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=0 if mode != "cpu" else None,
                       exec_dynamic=True)
         def pipe():
-            segs, _, info, _ = read_shards(tars, idxs, 0, 1, shuffle=False, shuffle_buffer=1)
+            segs, _, info, _ = read_shards(tars, idxs, 0, 1, shuffle=False, shuffle_buffer=1, seed=0)
             s = fn.reshape(fn.constant(idata=[start], dtype=types.INT32), shape=[])
             s = dmath.min(s, field(info, "num_frames") - num_frames)
             return decode_clip(segs, info, s, num_frames, seg_frames, mode)
@@ -82,16 +87,16 @@ def clip_cost(shards: str, starts: list[int], num_frames: int = 30, batch_size: 
 def run_loader(shards: str, p: dict, backends: list[str], content: str = "generated scenes") -> list[dict]:
     """Whole epochs of each loader, one row per backend and thread/worker count (DALI also per
     prefetch depth): epoch boundaries count, as in training. A backend that cannot run here
-    (torchcodec without FFmpeg's libraries) gets one row saying why instead. `content` names
+    (torchcodec or spdl without FFmpeg's libraries) gets one row saying why instead. `content` names
     what the shards hold: the loaders' ranking turns on it (tools/footage.py)."""
     rows = []
     cores = os.cpu_count() or 1
     for backend in backends:
-        if backend == "torchcodec" and (why := torchcodec_missing()):
+        if backend in ("torchcodec", "spdl") and (why := decoder_missing(backend)):
             rows.append({"content": content, "backend": backend, "decode": "-", "threads_or_workers": "-", "prefetch": "-",
                          "clips_per_s": None, "clips_per_s_min": None, "clips_per_s_max": None,
                          "clips_per_s_per_core": None, "note": f"not measured: {why}"})
-            print(f"[bench] loader torchcodec not measured: {why}", flush=True)
+            print(f"[bench] loader {backend} not measured: {why}", flush=True)
             continue
         # DataLoader workers keep their own fixed prefetch (2 batches each).
         for prefetch in p["prefetch"] if backend == "dali" else ["-"]:
@@ -228,18 +233,16 @@ CPU_SIDE_STAGES = [
 def _stage_pipeline(cfg, opts, tars, idxs, threads: int, video=False, audio=False, to_gpu=False):
     """The first parts of the pretraining graph alone (pipelines/pretrain.py), started at a random
     clip as it is; its outputs are dropped."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import pipeline_def
 
-    from stica.pipelines.clips import audio_clip, decode_clip, field, read_shards
+    from stica.pipelines.clips import audio_clip, decode_clip
+    from stica.pipelines.pretrain import draw
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=threads, device_id=0 if to_gpu else None,
                   prefetch_queue_depth=cfg.prefetch, exec_dynamic=True, seed=cfg.seed)
     def pipe():
-        segs, flac, info, _ = read_shards(tars, idxs, 0, 1, shuffle=True, shuffle_buffer=cfg.shuffle_buffer)
+        segs, flac, info, _, start = draw(tars, idxs, cfg, 0, 1, cfg.seed)
         T, fps = cfg.num_frames, opts["fps"]
-        span = fn.cast(field(info, "num_frames") - T + 1, dtype=types.FLOAT)
-        start = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * span, dtype=types.INT32)
-        start = start * fn.cast(span > 0, dtype=types.INT32)
         outs = [segs, flac, info]
         if video:
             outs[0] = decode_clip(segs, info, start, T, opts["seg_frames"], "cpu")
@@ -257,9 +260,9 @@ def _stage_pipeline(cfg, opts, tars, idxs, threads: int, video=False, audio=Fals
 def _pretrain_graph(cfg, opts, tars, idxs, threads: int):
     from stica.pipelines.pretrain import pretrain_pipeline
 
-    p = pretrain_pipeline(tars, idxs, cfg, opts["seg_frames"], opts["fps"], 0, 1, "cpu", batch_size=cfg.batch_size,
-                          num_threads=threads, device_id=None, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True,
-                          seed=cfg.seed)
+    p = pretrain_pipeline(tars, idxs, cfg, opts["seg_frames"], opts["fps"], 0, 1, "cpu", cfg.seed,
+                          batch_size=cfg.batch_size, num_threads=threads, device_id=None,
+                          prefetch_queue_depth=cfg.prefetch, exec_dynamic=True, seed=cfg.seed)
     p.build()
     return p
 

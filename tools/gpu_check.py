@@ -3,9 +3,10 @@ end_to_end took under 8 minutes on an H100; step_levers and end_to_end_batches c
 several times, so on a machine lent by the minute run them as a second call (`--parts`).
 
 Runs the gpu-marked tests, the model preset (Table 1f strategies, bf16), the STiCA step's levers
-(model.conv, train.compile), NVDEC's smallest frame, the loader in mixed, hybrid and cpu modes
-beside the reference loader, the CPU time per clip of each part of the hybrid loader's CPU side,
-NVDEC vs CPU clip cost, 120 end-to-end trainer steps on generated
+(model.conv, train.compile), NVDEC's smallest frame, the loader in nvdec, mixed, hybrid and cpu
+modes beside the reference loader, the CPU time per clip of each part of the hybrid loader's CPU
+side, NVDEC vs CPU clip cost, the nvdec mode with 1-14 decoder sessions (VP9 and H.264, NVDEC
+utilisation) and the trainer fed by it, 120 end-to-end trainer steps on generated
 real-looking shards at 128 px, and the trainer at batch 8, 32 and the largest, eager and compiled. Every part
 runs on its own: one that fails is reported with its error and the rest still run. Writes
 report.md, results.json, CSVs and bench.png naming the GPU, the date and the commit. Without a
@@ -46,7 +47,8 @@ class Skip(Exception):
 
 
 PARTS = ("gpu_tests", "model", "step_levers", "shards", "nvdec_smallest_frame", "loader", "loader_cpu_side", "clip_cost",
-         "end_to_end", "end_to_end_batches")
+         "nvdec", "end_to_end", "end_to_end_batches")
+NVDEC_SESSIONS = (1, 2, 4, 7, 14)  # an H100 or H200 has 7 NVDEC engines; SPDL found more than 14 decoders worse
 STICA = "Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)"
 
 
@@ -162,7 +164,8 @@ def loader_modes(shards: Path, gpu: bool, batches: int, repeats: int) -> list[di
     cores = os.cpu_count() or 1
     threads = min(cores, 8)
     rows = []
-    for backend, mode in (("dali", "mixed"), ("dali", "hybrid"), ("dali", "cpu"), ("reference", "cpu")):
+    for backend, mode in (("dali", "nvdec"), ("dali", "mixed"), ("dali", "hybrid"), ("dali", "cpu"),
+                          ("reference", "cpu")):
         if mode != "cpu" and not gpu:
             continue
         r = loader_throughput(str(shards), backend, threads, batch_size=8, batches=batches, repeats=repeats,
@@ -170,9 +173,71 @@ def loader_modes(shards: Path, gpu: bool, batches: int, repeats: int) -> list[di
         rate = r["clips_per_s"]
         rows.append({"backend": backend, "decode": mode, "threads_or_workers": threads, "clips_per_s": rate["median"],
                      "clips_per_s_min": rate["min"], "clips_per_s_max": rate["max"],
-                     "clips_per_s_per_core": rate["median"] / threads})
-        print(f"[gpu-check] loader {backend} {mode} x{threads}: {rate['median']:.1f} clips/s", flush=True)
+                     "clips_per_s_per_core": rate["median"] / threads,
+                     "cpu_ms_per_clip": r["cpu_ms_per_clip"]["median"]})
+        print(f"[gpu-check] loader {backend} {mode} x{threads}: {rate['median']:.1f} clips/s, "
+              f"{rows[-1]['cpu_ms_per_clip']:.1f} CPU ms a clip", flush=True)
     return rows
+
+
+def nvdec_sessions(shards: Path, h264_shards: Path, batches: int, repeats: int) -> list[dict]:
+    """The nvdec mode with 1-14 decoder sessions on the VP9 shards, then on the same videos packed
+    as H.264 beside DALI's mixed decoder there: clips/s, frames/s, the loader process's CPU ms per
+    clip and the cores that makes busy, and NVDEC's utilisation (nvidia-smi dmon, mean over the run)."""
+    from stica.tools.bench_loader import loader_throughput
+
+    rows = []
+    runs = [(shards, "nvdec", n) for n in NVDEC_SESSIONS] + [(h264_shards, "nvdec", 7), (h264_shards, "mixed", 7)]
+    for where, mode, sessions in runs:
+        codec = json.loads((where / "manifest.json").read_text())["options"]["codec"]
+        with _DecoderUtilisation() as util:
+            r = loader_throughput(str(where), "dali", min(os.cpu_count() or 1, 8), batch_size=8, batches=batches,
+                                  repeats=repeats, warmup=2, overrides=[f"data.device={mode}",
+                                                                        f"data.sessions={sessions}"])
+        rate, cpu = r["clips_per_s"]["median"], r["cpu_ms_per_clip"]["median"]
+        rows.append({"codec": codec, "decode": mode, "sessions": sessions if mode == "nvdec" else None,
+                     "clips_per_s": rate, "clips_per_s_min": r["clips_per_s"]["min"],
+                     "clips_per_s_max": r["clips_per_s"]["max"], "frames_per_s": rate * 30, "cpu_ms_per_clip": cpu,
+                     "cpu_cores_busy": cpu * rate / 1000, "nvdec_util_pct": util.mean})
+        print(f"[gpu-check] {codec} {mode} sessions={sessions}: {rate:.1f} clips/s, {cpu:.1f} CPU ms a clip, "
+              f"NVDEC {util.mean}%", flush=True)
+    return rows
+
+
+class _DecoderUtilisation:
+    """nvidia-smi dmon's decoder utilisation (%), sampled each second while the block runs."""
+
+    def __enter__(self):
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE,
+                                         text=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.mean = None
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        lines = self.proc.communicate()[0].splitlines()
+        header = next((line.lstrip("# ").split() for line in lines if line.startswith("# gpu")), None)
+        if header and "dec" in header:
+            values = [float(line.split()[header.index("dec")]) for line in lines
+                      if not line.startswith("#") and len(line.split()) == len(header) and
+                      line.split()[header.index("dec")].replace(".", "").isdigit()]
+            self.mean = round(sum(values) / len(values), 1) if values else None
+
+
+def fastest_modes(results: dict) -> dict:
+    """Per codec, the loader mode with the most clips/s in this report: what data.gpu_check hands
+    to data.device=auto (pipelines/loader.py: measured_fastest)."""
+    best = {}
+    for r in (results.get("loader") if isinstance(results.get("loader"), list) else []):
+        if r["backend"] == "dali":
+            best.setdefault("vp9", []).append((r["clips_per_s"], r["decode"]))
+    for r in (results.get("nvdec") if isinstance(results.get("nvdec"), list) else []):
+        best.setdefault(r["codec"], []).append((r["clips_per_s"], r["decode"]))
+    return {codec: max(rows)[1] for codec, rows in best.items()}
 
 
 def clip_costs(shards: Path, gpu: bool) -> list[dict]:
@@ -258,6 +323,17 @@ def targets(results: dict) -> list[dict]:
                      "measured": best["clips_per_s"], "met": best["clips_per_s"] >= TARGETS["clips_per_s"]
                      and best["data_wait_pct"] < TARGETS["data_wait_pct"],
                      "note": f"batch {best['batch']}, compile {best['compile']}, data wait {best['data_wait_pct']:.1f}%"})
+    nvdec = [r for r in results.get("nvdec") or [] if isinstance(r, dict) and r["decode"] == "nvdec"]
+    if nvdec:
+        best = max(nvdec, key=lambda r: r["clips_per_s"])
+        rows.append({"target": "nvdec loader >= 300 clips/s with <= 1 CPU core busy", "measured": best["clips_per_s"],
+                     "met": best["clips_per_s"] >= 300 and best["cpu_cores_busy"] <= 1.0,
+                     "note": f"{best['codec']}, {best['sessions']} sessions, {best['cpu_cores_busy']:.2f} cores busy"})
+    e2e = results.get("end_to_end_nvdec") or {}
+    if "clips_per_s" in e2e:
+        rows.append({"target": f"data wait < {TARGETS['data_wait_pct']:.0f}% fed by the nvdec loader",
+                     "measured": e2e["data_wait_pct"], "met": e2e["data_wait_pct"] < TARGETS["data_wait_pct"],
+                     "note": f"{e2e['clips_per_s']:.1f} clips/s end to end, batch {e2e['batch']}"})
     return rows
 
 
@@ -317,6 +393,16 @@ def markdown(results: dict) -> str:
         out += [f"| {r['mode']} | {r['start']} | {r['ms_per_clip']:.2f} ({r['ms_min']:.2f}-{r['ms_max']:.2f}) |"
                 for r in results["clip_cost"]]
         out.append("")
+    if isinstance(results.get("nvdec"), list):
+        out += ["## The nvdec mode: decoder sessions (two views + spectrogram, 30 frames, batch 8)", "",
+                "| codec | decode | sessions | clips/s (min-max) | frames/s | CPU ms per clip | cores busy | NVDEC % |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['codec']} | {r['decode']} | {r['sessions'] or '-'} | {r['clips_per_s']:.1f} "
+                f"({r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}) | {r['frames_per_s']:.0f} | "
+                f"{r['cpu_ms_per_clip']:.1f} | {r['cpu_cores_busy']:.2f} | {r['nvdec_util_pct'] or '-'} |"
+                for r in results["nvdec"]]
+        out += ["", f"Fastest mode per codec (what data.gpu_check hands to data.device=auto): "
+                f"{results.get('fastest_mode') or '-'}", ""]
     e = results.get("end_to_end")
     if isinstance(e, dict) and "clips_per_s" in e:
         out += ["## End to end (the trainer on the generated shards)", "",
@@ -435,7 +521,7 @@ def main(out: Path, preset: dict, parts: tuple[str, ...] = PARTS) -> int:
         return nvdec_smallest_frame()
 
     part("nvdec_smallest_frame", nvdec, needs_gpu=True)
-    on_shards = ("loader", "loader_cpu_side", "clip_cost", "end_to_end", "end_to_end_batches")
+    on_shards = ("loader", "loader_cpu_side", "clip_cost", "nvdec", "end_to_end", "end_to_end_batches")
     if set(on_shards) & set(parts):
         parts = (*parts, "shards")
     shard_dir = part("shards", shards)
@@ -447,6 +533,17 @@ def main(out: Path, preset: dict, parts: tuple[str, ...] = PARTS) -> int:
         part("loader_cpu_side", lambda: cpu_side(shard_dir, batch_size=8, threads=min(os.cpu_count() or 1, 8),
                                                  batches=20 if gpu else 2, repeats=3 if gpu else 1))
         part("clip_cost", lambda: clip_costs(Path(shard_dir), gpu))
+
+        def nvdec_part():
+            h264 = make_shards(work, videos=96, seconds=6.0, codec="h264")
+            rows = nvdec_sessions(Path(shard_dir), h264, batches=20, repeats=3)
+            best = max((r for r in rows if r["codec"] == "vp9"), key=lambda r: r["clips_per_s"])
+            results["end_to_end_nvdec"] = run_end_to_end(shard_dir, dict(width=1.0, batch=8, e2e_steps=120,
+                                                                         log_every=10), "dali",
+                                                         ["data.device=nvdec", f"data.sessions={best['sessions']}"])
+            return rows
+
+        part("nvdec", nvdec_part, needs_gpu=True)
         e2e = dict(width=1.0, batch=8, e2e_steps=120, log_every=10) if gpu else \
             dict(width=0.125, batch=4, e2e_steps=4, log_every=1)
         part("end_to_end", lambda: run_end_to_end(shard_dir, e2e, "dali", ["data.device=auto"]))
@@ -457,6 +554,7 @@ def main(out: Path, preset: dict, parts: tuple[str, ...] = PARTS) -> int:
                                       "(ran batch 4 eager)")
     else:
         results["skipped"] += [f"{p}: no shards" for p in on_shards if p in parts]
+    results["fastest_mode"] = fastest_modes(results)
     if gpu:
         results["targets"] = targets(results)
     else:
@@ -467,7 +565,7 @@ def main(out: Path, preset: dict, parts: tuple[str, ...] = PARTS) -> int:
     print(report)
     (out / "report.md").write_text(report)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    for name in ("model", "loader", "loader_cpu_side", "clip_cost", "nvdec_smallest_frame"):
+    for name in ("model", "loader", "loader_cpu_side", "clip_cost", "nvdec", "nvdec_smallest_frame"):
         if isinstance(results.get(name), list):
             write_csv(results[name], out / f"{name}.csv")
     plot(results, out / "bench.png")
