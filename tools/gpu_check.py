@@ -63,12 +63,19 @@ def _git_commit() -> str:
 
 
 def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    for name, module in (("dali", "nvidia.dali"), ("pyav", "av")):
+    for name, package in (("dali", "nvidia-dali-cuda120"), ("pyav", "av"), ("spdl_io", "spdl-io")):
         try:
-            out[name] = __import__(module, fromlist=["__version__"]).__version__
-        except ImportError:
+            out[name] = version(package)
+        except PackageNotFoundError:  # on the GPU machine DALI may be another CUDA build's package
             out[name] = None
+    if out["dali"] is None:
+        try:
+            out["dali"] = __import__("nvidia.dali", fromlist=["__version__"]).__version__
+        except ImportError:
+            pass
     return out
 
 
@@ -337,11 +344,15 @@ def targets(results: dict) -> list[dict]:
     return rows
 
 
+def _table(title: str, columns: list[str]) -> list[str]:
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def markdown(results: dict) -> str:
     h = results["header"]
     out = [f"# stica-bench --gpu-check on {h['device']}", "",
            f"{h['date']}, commit {h['commit']}, torch {h['versions']['torch']} (CUDA {h['versions']['cuda']}), "
-           f"DALI {h['versions']['dali']}, PyAV {h['versions']['pyav']}; {h['cpu_cores']} CPU cores; "
+           f"DALI {h['versions']['dali']}, PyAV {h['versions']['pyav']}, spdl-io {h['versions'].get('spdl_io')}; {h['cpu_cores']} CPU cores; "
            f"{results['seconds']:.0f} s in all.", ""]
     if results.get("targets"):
         out += ["## Targets", "", "| target | measured | met | note |", "|---|---|---|---|"]
@@ -394,9 +405,9 @@ def markdown(results: dict) -> str:
                 for r in results["clip_cost"]]
         out.append("")
     if isinstance(results.get("nvdec"), list):
-        out += ["## The nvdec mode: decoder sessions (two views + spectrogram, 30 frames, batch 8)", "",
-                "| codec | decode | sessions | clips/s (min-max) | frames/s | CPU ms per clip | cores busy | NVDEC % |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += _table("The nvdec mode: decoder sessions (two views + spectrogram, 30 frames, batch 8)",
+                      ["codec", "decode", "sessions", "clips/s (min-max)", "frames/s", "CPU ms per clip", "cores busy",
+                       "NVDEC %"])
         out += [f"| {r['codec']} | {r['decode']} | {r['sessions'] or '-'} | {r['clips_per_s']:.1f} "
                 f"({r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}) | {r['frames_per_s']:.0f} | "
                 f"{r['cpu_ms_per_clip']:.1f} | {r['cpu_cores_busy']:.2f} | {r['nvdec_util_pct'] or '-'} |"
@@ -411,9 +422,9 @@ def markdown(results: dict) -> str:
                 f"bound by the {e['bound_by']}. GPU-hours per Kinetics-400 epoch at this rate: "
                 f"{KINETICS_TRAIN / e['clips_per_s'] / 3600:.1f} (paper, V100, STiCA: 30.0).", ""]
     if isinstance(results.get("end_to_end_batches"), list):
-        out += ["## End to end by batch (the trainer on the generated shards)", "",
-                "| batch | train.compile | clips/s | data wait % | loader | threads | bound by | GPU GiB | GPU-h per K400 epoch |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        out += _table("End to end by batch (the trainer on the generated shards)",
+                      ["batch", "train.compile", "clips/s", "data wait %", "loader", "threads", "bound by", "GPU GiB",
+                       "GPU-h per K400 epoch"])
         out += [f"| {r['batch']} | {r['compile']} | {r['clips_per_s']:.1f} | {r['data_wait_pct']:.1f} | {r['device']} | "
                 f"{r['threads']} | {r['bound_by']} | {r['gpu_mem_gib'] or 0:.1f} | "
                 f"{KINETICS_TRAIN / r['clips_per_s'] / 3600:.2f} |" for r in results["end_to_end_batches"]]
