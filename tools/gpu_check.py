@@ -352,7 +352,8 @@ def markdown(results: dict) -> str:
     h = results["header"]
     out = [f"# stica-bench --gpu-check on {h['device']}", "",
            f"{h['date']}, commit {h['commit']}, torch {h['versions']['torch']} (CUDA {h['versions']['cuda']}), "
-           f"DALI {h['versions']['dali']}, PyAV {h['versions']['pyav']}, spdl-io {h['versions'].get('spdl_io')}; {h['cpu_cores']} CPU cores; "
+           f"DALI {h['versions']['dali']}, PyAV {h['versions']['pyav']}, spdl-io {h['versions'].get('spdl_io')}; "
+           f"{h['cpu_cores']} CPU cores; "
            f"{results['seconds']:.0f} s in all.", ""]
     if results.get("targets"):
         out += ["## Targets", "", "| target | measured | met | note |", "|---|---|---|---|"]
