@@ -152,7 +152,10 @@ class SessionPool:
     go to whichever session is free (one queue: a slow clip holds one session, not a batch).
     submit() returns at once; results() waits for that batch and gives it in job order."""
 
-    def __init__(self, make_session, count: int):
+    def __init__(self, make_session, count: int, timeout: float = 300.0):
+        if count < 1:
+            raise ValueError(f"data.sessions must be at least 1, not {count}")
+        self.timeout = timeout
         self.jobs: queue.Queue = queue.Queue()
         self.sessions: list = [None] * count
         self.clips = [0] * count
@@ -209,7 +212,11 @@ class SessionPool:
         return batch
 
     def results(self, batch: _Batch) -> list[ClipResult]:
-        batch.finished.wait()
+        # A decoder that hangs (a driver fault, a stuck engine) must stop the run with a reason,
+        # not stall it silently: the clips still out are named by their place in the batch.
+        if not batch.finished.wait(self.timeout):
+            late = [i for i, r in enumerate(batch.results) if r is None]
+            raise RuntimeError(f"decoder sessions gave no result for clip(s) {late} of a batch in {self.timeout:.0f} s")
         return batch.results
 
     @property

@@ -2,6 +2,8 @@
 session, buffer reuse, failures) with PyAV sessions, and the mode's loader against the DALI graph
 on time-coded shards. tests/test_gpu.py runs the same with NVDEC sessions."""
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -105,6 +107,27 @@ def test_a_clip_that_fails_is_named_and_the_rest_of_its_batch_decodes(shards):
         assert pool.results(pool.submit(again))[0].error is None
     finally:
         pool.close()
+
+
+class _StuckSession:
+    decoders_created = 1
+
+    def begin(self, after):
+        pass
+
+    def decode(self, segment, first, count, out):
+        time.sleep(1.0)
+
+
+def test_a_stuck_decoder_stops_the_batch_with_a_reason_not_a_silent_hang():
+    pool = SessionPool(lambda slot: _StuckSession(), 1, timeout=0.3)
+    try:
+        with pytest.raises(RuntimeError, match=re.escape("no result for clip(s) [0, 1] of a batch in 0 s")):
+            pool.results(pool.submit([ClipJob(i, [(b"", 0, 1)], np.zeros((1, 2, 2, 3), np.uint8)) for i in range(2)]))
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="data.sessions must be at least 1"):
+        SessionPool(lambda slot: _StuckSession(), 0)
 
 
 def test_a_session_reads_h264_segments(tmp_path):
