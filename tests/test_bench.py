@@ -106,8 +106,12 @@ def test_profile_mode_costs_each_stage_and_the_epoch_boundary(shards, tmp_path):
     assert audio["cpu_ms_per_clip"] > reader["cpu_ms_per_clip"]
     assert side["the CPU loader"]["cpu_ms_per_clip"] > decode["cpu_ms_per_clip"]  # two views are never free
     assert side["+ host-to-device copies"]["note"] == side["the hybrid loader"]["note"] == "needs a CUDA GPU"
+    draw, demux = side["nvdec mode: draw pipeline and clip jobs"], side["+ demuxing each segment"]
+    assert 0 < draw["cpu_ms_per_clip"] < demux["cpu_ms_per_clip"] and draw["stage_ms"] is None
+    assert demux["stage_ms"] == pytest.approx(demux["cpu_ms_per_clip"] - draw["cpu_ms_per_clip"])
+    assert side["the nvdec loader"]["note"] == "needs a CUDA GPU"
     assert "## CPU time per clip, part by part" in (out / "report.md").read_text()
-    assert len(list(csv.DictReader(open(out / "cpu_side.csv")))) == len(results["cpu_side"]) == 8
+    assert len(list(csv.DictReader(open(out / "cpu_side.csv")))) == len(results["cpu_side"]) == 11
 
 
 def test_loader_summary_names_the_winner_per_core_of_each_content_set():

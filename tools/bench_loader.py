@@ -6,6 +6,7 @@ import os
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from stica.config import load_config
@@ -217,7 +218,9 @@ def epoch_boundary(shards: str, epochs: int = 4, batch_size: int = 8, threads: i
 # Where the CPU time of a hybrid loader goes (CPU decode, GPU augmentation): each row adds one
 # part of its CPU side to the row above. The first row reads the sample's bytes the way the
 # reader does, in Python with no DALI, as the floor: the reader row's excess is DALI's own
-# per-sample cost (scheduling, buffers, the shuffle). The last rows need a GPU.
+# per-sample cost (scheduling, buffers, the shuffle). Then the nvdec mode's CPU side, its own
+# chain: the draw pipeline with the clips' jobs, then the demuxing its NVDEC sessions do on the
+# CPU. The rows of the hybrid and nvdec loaders need a GPU.
 CPU_SIDE_STAGES = [
     ("file reads alone (Python, no DALI)", None),
     ("reader (webdataset, shuffled)", {}),
@@ -227,7 +230,38 @@ CPU_SIDE_STAGES = [
     ("the hybrid loader (GPU augmentation and spectrogram, hand-off to torch)", "hybrid"),
     ("the CPU graph alone (two views, spectrogram; outputs dropped)", "cpu graph"),
     ("the CPU loader (the same, handed to torch)", "cpu"),
+    ("nvdec mode: draw pipeline and clip jobs (reader, start, audio window, segment bytes)", "nvdec draw"),
+    ("+ demuxing each segment (spdl-io, the NVDEC sessions' CPU part)", "nvdec demux"),
+    ("the nvdec loader (sessions, GPU augmentation, hand-off to torch)", "nvdec"),
 ]
+CHAINS = {"nvdec draw": "nvdec", "nvdec demux": "nvdec"}  # stages after the first of their chain add to it
+
+
+def _nvdec_cpu_step(cfg, opts, tars, idxs, threads: int, demux: bool):
+    """One batch of the nvdec mode's CPU work without a GPU: the draw pipeline, each clip's job
+    (its segments' bytes, as pipelines/nvdec.py cuts them) and, with demux, spdl-io's demuxing of
+    each segment, which an NVDEC session does before the engine decodes."""
+    from stica.pipelines.nvdec import draw_pipeline
+    from stica.shards import INFO, INFO_OFFSETS, clip_pieces
+
+    p = draw_pipeline(tars, idxs, cfg, opts["seg_frames"], opts["fps"], 0, 1, cfg.seed, batch_size=cfg.batch_size,
+                      num_threads=threads, device_id=None, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True,
+                      seed=cfg.seed)
+    p.build()
+
+    def step():
+        import spdl.io
+
+        segs, info, start, _, _ = ([np.asarray(t) for t in out] for out in p.run())
+        for i in range(len(info)):
+            meta = {name: int(info[i][j]) for name, j in INFO.items()}
+            offsets = info[i][INFO_OFFSETS:INFO_OFFSETS + meta["num_segments"] + 1]
+            for k, _, _ in clip_pieces(int(start[i]), cfg.num_frames, meta["seg_frames"], meta["num_frames"]):
+                segment = segs[i][offsets[k]:offsets[k + 1]].tobytes()
+                if demux:
+                    spdl.io.demux_video(segment)
+
+    return step
 
 
 def _stage_pipeline(cfg, opts, tars, idxs, threads: int, video=False, audio=False, to_gpu=False):
@@ -300,7 +334,7 @@ def cpu_side(shards: str, batch_size: int = 8, threads: int = 2, batches: int = 
     samples = {name: [] for name, _ in CPU_SIDE_STAGES}
     for _ in range(repeats):  # whole passes, one stage at a time: CPU time is process-wide
         for name, stage in CPU_SIDE_STAGES:
-            needs_gpu = stage == "hybrid" or (isinstance(stage, dict) and stage.get("to_gpu"))
+            needs_gpu = stage in ("hybrid", "nvdec") or (isinstance(stage, dict) and stage.get("to_gpu"))
             if needs_gpu and not gpu:
                 continue
             if stage is None:
@@ -313,6 +347,8 @@ def cpu_side(shards: str, batch_size: int = 8, threads: int = 2, batches: int = 
                 step = _stage_pipeline(cfg, opts, tars, idxs, threads, **stage).run
             elif stage == "cpu graph":
                 step = _pretrain_graph(cfg, opts, tars, idxs, threads).run
+            elif isinstance(stage, str) and stage in CHAINS:
+                step = _nvdec_cpu_step(cfg, opts, tars, idxs, threads, demux=stage == "nvdec demux")
             else:
                 step = functools.partial(next, _forever(build_loader(load_config(
                     DEFAULT_CONFIG, [f"data.shards={shards}", f"data.batch_size={batch_size}",
@@ -325,17 +361,17 @@ def cpu_side(shards: str, batch_size: int = 8, threads: int = 2, batches: int = 
             sync()
             samples[name].append((time.process_time() - t) * 1000 / (batches * batch_size))
             del step  # the pipeline goes before the next stage is timed
-    rows, previous = [], None
+    rows, previous = [], {}
     for name, stage in CPU_SIDE_STAGES:
         if not samples[name]:
             rows.append({"stage": name, "cpu_ms_per_clip": None, "ms_min": None, "ms_max": None, "stage_ms": None,
                          "note": "needs a CUDA GPU"})
             continue
         ms = summarize(samples[name])
-        part = isinstance(stage, dict) and previous is not None
+        chain = "hybrid" if stage is None or isinstance(stage, dict) else CHAINS.get(stage)
         rows.append({"stage": name, "cpu_ms_per_clip": ms["min"], "ms_min": ms["min"], "ms_max": ms["max"],
-                     "stage_ms": ms["min"] - previous if part else None, "note": ""})
-        if stage is None or isinstance(stage, dict):
-            previous = ms["min"]
+                     "stage_ms": ms["min"] - previous[chain] if chain in previous else None, "note": ""})
+        if chain:
+            previous[chain] = ms["min"]
         print(f"[bench] cpu side {name:<72} {ms['min']:6.2f} CPU ms/clip (fastest of {ms['n']})", flush=True)
     return rows
