@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def
 
-from stica.pipelines.clips import audio_clip
+from stica.pipelines.clips import audio_clip, parse_source_info
 from stica.pipelines.loader import DaliLoader
 from stica.pipelines.pretrain import augment, draw
 from stica.pipelines.sessions import ClipJob, FrameRing, NvdecSession, PyAVSession, SessionPool
-from stica.shards import INFO, INFO_OFFSETS, clip_pieces
+from stica.shards import INFO, INFO_OFFSETS, clip_pieces, load_manifest
 
 
 @pipeline_def
@@ -56,7 +56,7 @@ class NvdecLoader(DaliLoader):
 
     def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, state: dict | None = None,
                  bad_samples: list[dict] = (), sessions: str = "nvdec"):
-        opts = _options(cfg)
+        opts = load_manifest(cfg.shards)["options"]
         if sessions == "nvdec":
             make = lambda slot: NvdecSession(opts["codec"], slot, local_rank)
             self.gpu = torch.device("cuda", local_rank)
@@ -94,12 +94,6 @@ class NvdecLoader(DaliLoader):
 
     def close(self):
         self.pool.close()
-
-
-def _options(cfg) -> dict:
-    from stica.shards import load_manifest
-
-    return load_manifest(cfg.shards)["options"]
 
 
 class _Feed:
@@ -162,8 +156,6 @@ class _Feed:
     def _stand_ins(self, b: int, results, drawn) -> list[int]:
         """Which clip fills each place of the batch: itself, or for one that failed, the nearest
         clip of the batch that did not (named and counted)."""
-        from stica.pipelines.clips import parse_source_info
-
         good = [r.index for r in results if r.error is None]
         failed = [r for r in results if r.error is not None]
         if failed and not good:
