@@ -208,7 +208,45 @@ def nvdec_sessions(shards: Path, h264_shards: Path, batches: int, repeats: int) 
                      "cpu_cores_busy": cpu * rate / 1000, "nvdec_util_pct": util.mean})
         print(f"[gpu-check] {codec} {mode} sessions={sessions}: {rate:.1f} clips/s, {cpu:.1f} CPU ms a clip, "
               f"NVDEC {util.mean}%", flush=True)
+    rows.append(spdl_nvdec_decode(shards))
     return rows
+
+
+def spdl_nvdec_decode(shards: Path, clips: int = 256) -> dict:
+    """SPDL's own NVDEC path beside the nvdec mode: spdl-io's one-call decode_packets_nvdec per
+    segment of a clip (demux, decode, RGB), on one thread, decode only (no augmentation)."""
+    import spdl.io
+
+    from stica.shards import clip_pieces, parse_info, read_index, shard_paths, split_segments
+
+    tars, idxs = shard_paths(str(shards), "train")
+    work = []
+    with open(tars[0], "rb") as f:
+        for _, members in read_index(idxs[0]):
+            f.seek(members["segs"][0])
+            segs = f.read(members["segs"][1])
+            f.seek(members["info"][0])
+            info = f.read(members["info"][1])
+            meta, _ = parse_info(info)
+            pieces = split_segments(segs, info)
+            start = (len(work) * 7) % max(1, meta["num_frames"] - 30)
+            work.append([pieces[k] for k, _, _ in clip_pieces(start, 30, meta["seg_frames"], meta["num_frames"])])
+    work = (work * (clips // len(work) + 1))[:clips]
+    cuda = spdl.io.cuda_config(0)
+    for segments in work[:8]:  # warm-up: the thread's decoder is created
+        for segment in segments:
+            spdl.io.decode_packets_nvdec(spdl.io.demux_video(segment), device_config=cuda)
+    torch.cuda.synchronize()
+    t, c = time.perf_counter(), time.process_time()
+    for segments in work:
+        for segment in segments:
+            spdl.io.decode_packets_nvdec(spdl.io.demux_video(segment), device_config=cuda)
+    torch.cuda.synchronize()
+    seconds, cpu = time.perf_counter() - t, time.process_time() - c
+    rate = clips / seconds
+    return {"codec": "vp9", "decode": "spdl decode_packets_nvdec (decode only, 1 thread)", "sessions": 1,
+            "clips_per_s": rate, "clips_per_s_min": rate, "clips_per_s_max": rate, "frames_per_s": rate * 30,
+            "cpu_ms_per_clip": cpu * 1000 / clips, "cpu_cores_busy": cpu / seconds, "nvdec_util_pct": None}
 
 
 class _DecoderUtilisation:
