@@ -281,7 +281,8 @@ def fastest_modes(results: dict) -> dict:
         if r["backend"] == "dali":
             best.setdefault("vp9", []).append((r["clips_per_s"], r["decode"]))
     for r in (results.get("nvdec") if isinstance(results.get("nvdec"), list) else []):
-        best.setdefault(r["codec"], []).append((r["clips_per_s"], r["decode"]))
+        if r["decode"] in ("nvdec", "mixed"):  # loader modes, not the decode-only SPDL row
+            best.setdefault(r["codec"], []).append((r["clips_per_s"], r["decode"]))
     return {codec: max(rows)[1] for codec, rows in best.items()}
 
 
