@@ -200,12 +200,23 @@ def test_the_nvdec_mode_resumes_mid_epoch_without_decoding_the_batches_it_skips(
 
 
 def test_auto_picks_nvdec_only_where_a_gpu_check_measured_it_fastest(tmp_path, monkeypatch):
+    """The gpu-check's report names the fastest loader mode per codec (not the decode-only SPDL
+    row); data.gpu_check hands it to auto, on the GPU it was measured on only."""
+    from stica.tools.gpu_check import fastest_modes
+
+    row = lambda codec, decode, rate: {"backend": "dali", "codec": codec, "decode": decode, "clips_per_s": rate}
+    results = {"header": {"device": "NVIDIA H200"},
+               "loader": [row("vp9", "hybrid", 160.0), row("vp9", "mixed", 24.0), row("vp9", "cpu", 60.0)],
+               "nvdec": [row("vp9", "nvdec", 310.0), row("vp9", "spdl decode_packets_nvdec (decode only)", 900.0),
+                         row("h264", "nvdec", 120.0), row("h264", "mixed", 140.0)]}
+    results["fastest_mode"] = fastest_modes(results)
+    assert results["fastest_mode"] == {"vp9": "nvdec", "h264": "mixed"}
     report = tmp_path / "results.json"
-    report.write_text(json.dumps({"header": {"device": "NVIDIA H200"}, "fastest_mode": {"vp9": "nvdec"}}))
+    report.write_text(json.dumps(results))
     assert measured_fastest(str(report), "vp9") is None  # no GPU here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    assert measured_fastest(str(report), "vp9") == "nvdec" and measured_fastest(str(report), "h264") is None
+    assert measured_fastest(str(report), "vp9") == "nvdec" and measured_fastest(str(report), "h264") == "mixed"
     assert resolve_device("auto", "vp9", 128, measured="nvdec") == "nvdec"
     assert resolve_device("auto", "vp9", 128, measured=None) == "hybrid"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
