@@ -328,7 +328,8 @@ def test_nvdec_sessions_decode_the_frames_cpu_sessions_do(vp9_128, h264_128, cod
 
     def decode(make, count, device):
         jobs = [ClipJob(i, [(pieces[k], a, n) for k, a, n in clip_pieces(s, 30, meta["seg_frames"], meta["num_frames"])],
-                        torch.zeros((30, meta["height"], meta["width"], 3), dtype=torch.uint8, device=device))
+                        torch.zeros((30, meta["height"], meta["width"], 3), dtype=torch.uint8, device=device)
+                        if device == "cuda" else np.zeros((30, meta["height"], meta["width"], 3), np.uint8))
                 for i, s in enumerate(starts)]
         pool = SessionPool(make, count)
         try:
@@ -338,7 +339,7 @@ def test_nvdec_sessions_decode_the_frames_cpu_sessions_do(vp9_128, h264_128, cod
             pool.close()
         torch.cuda.synchronize()
         assert [r.error for r in results] == [None] * len(jobs)
-        return [j.out.cpu().float() for j in jobs], created
+        return [torch.as_tensor(j.out).cpu().float() for j in jobs], created
 
     gpu, created = decode(lambda slot: NvdecSession(codec, slot, 0), 2, "cuda")
     cpu, _ = decode(lambda slot: PyAVSession(codec, slot), 1, "cpu")
