@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from stica.media import decode_flac, decoder_missing, segment_frames
-from stica.shards import (audio_segment_samples, clip_pieces, load_manifest, parse_info, read_index, shard_paths,
-                          split_audio, split_segments)
+from stica.shards import (audio_segment_samples, clip_pieces, load_manifest, parse_info, read_index, read_members,
+                          shard_paths, split_audio, split_segments)
 
 
 def hz_to_mel(f):
@@ -159,11 +159,7 @@ class ShardSamples(Dataset):
     def _read(self, i):
         tar, key, members = self.samples[i]
         with open(tar, "rb") as f:
-            out = {}
-            for ext in ("segs", "flac", "info"):
-                f.seek(members[ext][0])
-                out[ext] = f.read(members[ext][1])
-        return key, out
+            return key, read_members(f, members)
 
     def __getitem__(self, i):
         key, m = self._read(i)

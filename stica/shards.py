@@ -54,6 +54,15 @@ def parse_info(raw: bytes | np.ndarray) -> tuple[dict, np.ndarray]:
     return meta, arr[INFO_OFFSETS:INFO_OFFSETS + meta["num_segments"] + 1]
 
 
+def read_members(f, members: dict, exts=("segs", "flac", "info")) -> dict[str, bytes]:
+    """A sample's members, by its index line's (offset, size), from its open shard."""
+    out = {}
+    for ext in exts:
+        f.seek(members[ext][0])
+        out[ext] = f.read(members[ext][1])
+    return out
+
+
 def clip_pieces(start: int, num_frames: int, seg_frames: int, total_frames: int) -> list[tuple[int, int, int]]:
     """(segment k, first frame in it, frames) for the clip [start, start + num_frames): the
     frames past the video's end are the caller's to edge-pad, as DALI's decoder does."""

@@ -312,16 +312,13 @@ def test_nvdec_sessions_decode_the_frames_cpu_sessions_do(vp9_128, h264_128, cod
     """The same clips (segment edges, past the end) through 2 NVDEC sessions and a PyAV one:
     within 3 levels, in job order, one decoder per session."""
     from stica.pipelines.sessions import ClipJob, NvdecSession, PyAVSession, SessionPool
-    from stica.shards import clip_pieces, parse_info, read_index, shard_paths, split_segments
+    from stica.shards import clip_pieces, parse_info, read_index, read_members, shard_paths, split_segments
 
     shards = vp9_128 if codec == "vp9" else h264_128
     tars, idxs = shard_paths(shards, "train")
-    key, members = read_index(idxs[0])[0]
+    _, members = read_index(idxs[0])[0]
     with open(tars[0], "rb") as f:
-        f.seek(members["segs"][0])
-        segs = f.read(members["segs"][1])
-        f.seek(members["info"][0])
-        info = f.read(members["info"][1])
+        segs, info = read_members(f, members, ("segs", "info")).values()
     meta, _ = parse_info(info)
     pieces = split_segments(segs, info)
     starts = [0, 29, 30, 59, 90, 100]

@@ -14,7 +14,7 @@ from stica.pipelines.loader import DaliLoader, measured_fastest, resolve_device
 from stica.pipelines.nvdec import NvdecLoader
 from stica.pipelines.reference import decode_clip
 from stica.pipelines.sessions import ClipJob, PyAVSession, SessionPool
-from stica.shards import clip_pieces, parse_info, read_index, shard_paths, split_segments
+from stica.shards import clip_pieces, parse_info, read_index, read_members, shard_paths, split_segments
 
 from conftest import damage, level, pack_timecoded
 
@@ -40,12 +40,7 @@ def samples(shards):
     out = []
     for tar, idx in zip(tars, idxs):
         with open(tar, "rb") as f:
-            for key, members in read_index(idx):
-                got = {}
-                for ext in ("segs", "info"):
-                    f.seek(members[ext][0])
-                    got[ext] = f.read(members[ext][1])
-                out.append((key, got["segs"], got["info"]))
+            out += [(key, *read_members(f, members, ("segs", "info")).values()) for key, members in read_index(idx)]
     return out
 
 

@@ -217,16 +217,13 @@ def spdl_nvdec_decode(shards: Path, clips: int = 256) -> dict:
     segment of a clip (demux, decode, RGB), on one thread, decode only (no augmentation)."""
     import spdl.io
 
-    from stica.shards import clip_pieces, parse_info, read_index, shard_paths, split_segments
+    from stica.shards import clip_pieces, parse_info, read_index, read_members, shard_paths, split_segments
 
     tars, idxs = shard_paths(str(shards), "train")
     work = []
     with open(tars[0], "rb") as f:
         for _, members in read_index(idxs[0]):
-            f.seek(members["segs"][0])
-            segs = f.read(members["segs"][1])
-            f.seek(members["info"][0])
-            info = f.read(members["info"][1])
+            segs, info = read_members(f, members, ("segs", "info")).values()
             meta, _ = parse_info(info)
             pieces = split_segments(segs, info)
             start = (len(work) * 7) % max(1, meta["num_frames"] - 30)
