@@ -51,11 +51,26 @@ def test_workers_that_cannot_start_are_a_clear_error_not_a_hang(tmp_path):
         raise StartError("type check")
 
 
-def descendants(pid: int) -> list[int]:
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
-    return children + [d for c in children for d in descendants(c)]
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # gone since it was listed
+        return ""
+
+
+def pool_workers(pid: int) -> list[int]:
+    """The packer's pool workers: the fork server's children where there is one (before it forks,
+    the fork server and the resource tracker have no children either, and killing them is
+    another test: a pool that cannot start), else the packer's children but the resource tracker."""
+    kids = children(pid)
+    servers = [c for c in kids if "forkserver" in cmdline(c)]
+    if servers:
+        return [w for server in servers for w in children(server)]
+    return [c for c in kids if "resource_tracker" not in cmdline(c)]
 
 
 def test_packing_survives_a_killed_worker_and_a_stuck_one(tmp_path):
@@ -71,7 +86,7 @@ def test_packing_survives_a_killed_worker_and_a_stuck_one(tmp_path):
     cmd = [sys.executable, "-m", "stica.tools.shard", "pack", "--root", str(root.parent), "--out", str(out),
            "--workers", "2", "--short-side", "64", "--shard-samples", "3", "--video-timeout", "10"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    workers = lambda: [p for p in descendants(proc.pid) if not descendants(p)]  # a fork server has children
+    workers = lambda: pool_workers(proc.pid)
     deadline = time.time() + 60
     while len(workers()) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
