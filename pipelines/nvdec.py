@@ -29,7 +29,7 @@ from stica.pipelines.clips import audio_clip, parse_source_info
 from stica.pipelines.loader import DaliLoader
 from stica.pipelines.pretrain import augment, draw
 from stica.pipelines.sessions import ClipJob, FrameRing, NvdecSession, PyAVSession, SessionPool
-from stica.shards import INFO, INFO_OFFSETS, clip_pieces, load_manifest
+from stica.shards import clip_pieces, load_manifest, parse_info
 
 
 @pipeline_def
@@ -114,15 +114,15 @@ class _Feed:
         b, self.drawn = self.drawn, self.drawn + 1
         segs, info, start, audio, key = ([np.asarray(t) for t in out] for out in self.drawing.run())
         loader, T = self.loader, self.loader.cfg.num_frames
-        jobs = []
+        jobs, metas = [], []
         for i in range(len(info)):
-            meta = {name: int(info[i][j]) for name, j in INFO.items()}
-            offsets = info[i][INFO_OFFSETS:INFO_OFFSETS + meta["num_segments"] + 1]
+            meta, offsets = parse_info(info[i])
+            metas.append(meta)
             pieces = [(segs[i][offsets[k]:offsets[k + 1]].tobytes(), first, count)
                       for k, first, count in clip_pieces(int(start[i]), T, meta["seg_frames"], meta["num_frames"])]
             out = loader.ring.clip(b, i, (T, meta["height"], meta["width"], 3))
             jobs.append(ClipJob(i, pieces, out, after=self.copied[b % loader.RING_DEPTH]))
-        return b, loader.pool.submit(jobs), jobs, {"start": start, "audio": audio, "key": key, "info": info}
+        return b, loader.pool.submit(jobs), jobs, {"start": start, "audio": audio, "key": key, "meta": metas}
 
     def __call__(self):
         loader = self.loader
@@ -139,9 +139,9 @@ class _Feed:
         order = self._stand_ins(b, results, drawn)
         frames = [jobs[j].out for j in order]
         audio = np.stack([drawn["audio"][j] for j in order])
-        info = drawn["info"]
-        self.meta.append({"label": torch.tensor([int(info[j][INFO["label_index"]]) for j in order]),
-                          "has_audio": torch.tensor([int(info[j][INFO["has_audio"]]) for j in order]),
+        metas = drawn["meta"]
+        self.meta.append({"label": torch.tensor([metas[j]["label_index"] for j in order]),
+                          "has_audio": torch.tensor([metas[j]["has_audio"] for j in order]),
                           "start": torch.tensor([int(drawn["start"][j]) for j in order]),
                           "key": torch.from_numpy(np.stack([drawn["key"][j] for j in order]))})
         if loader.feed_stream is None:
