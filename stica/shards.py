@@ -45,8 +45,12 @@ def pack_info(meta: dict, offsets: list[int], audio_offsets: list[int]) -> bytes
     return np.asarray(values, dtype="<i4").tobytes()
 
 
+def _info_array(raw: bytes | np.ndarray) -> np.ndarray:
+    return np.frombuffer(raw, dtype="<i4") if isinstance(raw, (bytes, bytearray)) else np.asarray(raw)
+
+
 def parse_info(raw: bytes | np.ndarray) -> tuple[dict, np.ndarray]:
-    arr = np.frombuffer(raw, dtype="<i4") if isinstance(raw, (bytes, bytearray)) else np.asarray(raw)
+    arr = _info_array(raw)
     meta = {name: int(arr[i]) for i, name in enumerate(INFO_FIELDS)}
     if meta["version"] != FORMAT_VERSION:
         raise ValueError(f"shard format v{meta['version']} is not supported (this reader is v{FORMAT_VERSION}; "
@@ -88,9 +92,8 @@ def split_segments(segs: bytes, info: bytes | np.ndarray) -> list[bytes]:
 def split_audio(flac: bytes, info: bytes | np.ndarray) -> list[bytes]:
     """The audio segments of KEY.flac, one complete FLAC file each."""
     meta, _ = parse_info(info)
-    arr = np.frombuffer(info, dtype="<i4") if isinstance(info, (bytes, bytearray)) else np.asarray(info)
     start = INFO_OFFSETS + meta["num_segments"] + 1
-    offsets = arr[start:start + meta["num_segments"] + 1]
+    offsets = _info_array(info)[start:start + meta["num_segments"] + 1]
     return [flac[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
