@@ -16,7 +16,9 @@ the same batch again. So when a batch fails, the loader:
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +96,7 @@ class Substitutes:
     line of the nearest valid sample of its shard."""
 
     def __init__(self):
-        self.dir = Path(tempfile.mkdtemp(prefix="stica-substitutes-"))
+        self.dir: Path | None = None  # made for the first damaged sample, removed with this object
         self.bad: dict[tuple[str, int], str] = {}  # (tar, segs offset) -> key
 
     def add(self, tar: str, offset: int, key: str):
@@ -115,6 +117,9 @@ class Substitutes:
             for j, o in enumerate(segs):
                 if o in offsets:
                     lines[j] = lines[min(good, key=lambda g: (abs(g - j), g))]
+            if self.dir is None:
+                self.dir = Path(tempfile.mkdtemp(prefix="stica-substitutes-"))
+                weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
             path = self.dir / f"{len(out):06d}-{Path(idx).name}"
             path.write_text("\n".join([header, *lines]) + "\n")
             out.append(str(path))

@@ -1,6 +1,7 @@
 """The nvdec mode's machinery on the CPU: the session pool (scheduling, order, one decoder per
 session, buffer reuse, failures) with PyAV sessions, and the mode's loader against the DALI graph
 on time-coded shards. tests/test_gpu.py runs the same with NVDEC sessions."""
+import gc
 import json
 import re
 import time
@@ -177,8 +178,13 @@ def test_the_nvdec_mode_names_a_damaged_sample_and_goes_on(tmp_path):
         assert bad not in [k for b in batches for k in b["key"]]  # a valid clip of its batch stood in
         assert bad not in [k for b in loader for k in b["key"]]  # the next epoch reads a valid sample instead
         assert len(loader.bad_samples) == 1
+        copies = loader.substitutes.dir
+        assert [p.name for p in copies.iterdir()] == ["000000-train-000000.idx"]
     finally:
         loader.close()
+    del loader
+    gc.collect()
+    assert not copies.exists()  # the private index copies go with the loader
 
 
 def test_the_nvdec_mode_resumes_mid_epoch_without_decoding_the_batches_it_skips(shards):

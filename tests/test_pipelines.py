@@ -165,15 +165,18 @@ def test_cpu_blur_equals_dalis_gaussian_blur_on_decoded_frames(tmp_path):
         assert (sigma < 0.3) or np.abs(a - clip).mean() > 0.5  # it did blur
 
 
+@pytest.mark.parametrize("gray", [0, 1])
 @pytest.mark.parametrize("backend", ["dali", "reference"])
-def test_contrast_pivots_on_the_clip_mean_grey(backend):
+def test_contrast_pivots_on_the_clip_mean_grey(backend, gray):
     """As torchvision's ColorJitter (the released code's): contrast scales the distance from the
     mean grey, of the whole clip here (one colour change per clip), so that mean is kept. DALI's
-    color_twist pivots at mid-range (128), which moved this clip's mean by up to 29 levels."""
+    color_twist pivots at mid-range (128), which moved this clip's mean by up to 29 levels. The
+    same on grayscale clips, whose jitter DALI runs on one channel."""
     clip = np.full((4, 8, 8, 3), 40, np.uint8)
     clip[:, :, 4:] = 80
     clip[2:] += 20  # frames 0-1: 40 | 80, frames 2-3: 60 | 100; clip mean grey 70, far from 128
-    views = [v[0] for v in views_of_one_clip(backend, clip, colour_only("data.contrast=0.5"))]  # red: T,H,W
+    cfg = colour_only("data.contrast=0.5", f"data.grayscale_prob={gray}")
+    views = [v[0] for v in views_of_one_clip(backend, clip, cfg)]  # red: T,H,W
     factors = []
     for v in views:
         assert abs(v.mean().item() - 70) < 1.0
@@ -182,6 +185,24 @@ def test_contrast_pivots_on_the_clip_mean_grey(backend):
         assert abs((frame_means[2] - frame_means[0]).item() - 20 * c) < 1.0  # one pivot for the clip
         factors.append(c)
     assert min(factors) < 0.9 and max(factors) > 1.1  # the factor does vary over [0.5, 1.5]
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_grayscale_is_the_luma_of_the_jittered_clip(backend):
+    """Grayscale after the jitter: every channel is the luma of the jittered pixel (saturation
+    no longer matters), brightness scales it, and one clamp at the end keeps it in [0, 255]."""
+    clip = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    luma = clip.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # T,H,W
+    for changes, scale in ((["data.saturation=0.4"], 1.0), (["data.brightness=0.5", "data.jitter_prob=1"], None)):
+        views = views_of_one_clip(backend, clip, colour_only("data.grayscale_prob=1", *changes), n=8)
+        drawn = []
+        for v in views:
+            assert (v[0] == v[1]).all() and (v[1] == v[2]).all()
+            dark = luma < 150  # unclipped at any brightness drawn
+            b = scale or float(np.median(v[0].numpy()[dark] / np.maximum(luma[dark], 1)))  # this view's brightness
+            np.testing.assert_allclose(v[0].numpy(), np.clip(luma * b, 0, 255), atol=1.5)
+            drawn.append(b)
+        assert scale or (min(drawn) < 0.9 and max(drawn) > 1.1)  # the brightness does vary over [0.5, 1.5]
 
 
 def test_reference_hue_turn_equals_dalis_color_twist():
@@ -244,6 +265,22 @@ def test_uneven_split_still_gives_equal_batch_counts(shards):
     # 8 videos over 3 ranks: DALI sizes each rank's epoch by floor(8 / 3) = 2 samples.
     loaders = [build_loader(config(shards), rank=r, world=3) for r in range(3)]
     assert [(len(l), len(list(l))) for l in loaders] == [(1, 1)] * 3
+
+
+@pytest.mark.parametrize("batch_size, world", [(2, 1), (3, 1), (2, 2)])
+def test_an_epoch_runs_its_pipeline_only_for_the_batches_it_reads(shards, batch_size, world):
+    """Each epoch has a pipeline of its own, so a run queued past the epoch's end (DALI's own
+    iterator keeps `prefetch` of them, for a next epoch of the same pipeline) is decoded for
+    nothing. The DROP policy's incomplete last batch is still read: it ends the epoch. (An
+    epoch shorter than the queue still fills it when the pipeline starts.)"""
+    from stica.pipelines.loader import DaliLoader
+
+    for rank in range(world):
+        loader = DaliLoader(config(shards, f"data.batch_size={batch_size}"), rank=rank, world=world)
+        for epoch in range(2):
+            iterator = loader._build(epoch)
+            assert sum(1 for _ in iterator) == len(loader)
+            assert iterator._pipes[0].empty()  # nothing left queued
 
 
 def test_same_seed_same_batch_and_another_seed_differs(shards):
