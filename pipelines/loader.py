@@ -215,7 +215,8 @@ class EpochIterator(DALIGenericIterator):
     were decoded and augmented for nothing: 2 of every 22 batches at the benchmarks' 80-clip
     epochs (batch 4, prefetch 2), 0.4% of a Kinetics epoch's ~470 batches a rank. This one
     schedules only the runs its epoch reads: its batches, plus the incomplete last one that
-    DALI's DROP policy reads to find the epoch's end."""
+    DALI's DROP policy reads to find the epoch's end. It hooks DALI 2.4's iterator internals
+    (`_schedule_runs`); tests/test_pipelines.py fails if a DALI release changes them."""
 
     def __init__(self, pipe, names: list[str], policy):
         self._scheduled = 0
