@@ -29,7 +29,7 @@ from stica.pipelines.clips import audio_clip, parse_source_info
 from stica.pipelines.loader import DaliLoader
 from stica.pipelines.pretrain import augment, draw
 from stica.pipelines.sessions import ClipJob, FrameRing, NvdecSession, PyAVSession, SessionPool
-from stica.shards import clip_pieces, load_manifest, parse_info
+from stica.shards import clip_segments, load_manifest, parse_info
 
 
 @pipeline_def
@@ -118,8 +118,7 @@ class _Feed:
         for i in range(len(info)):
             meta, offsets = parse_info(info[i])
             metas.append(meta)
-            pieces = [(segs[i][offsets[k]:offsets[k + 1]].tobytes(), first, count)
-                      for k, first, count in clip_pieces(int(start[i]), T, meta["seg_frames"], meta["num_frames"])]
+            pieces = clip_segments(segs[i], meta, offsets, int(start[i]), T)
             out = loader.ring.clip(b, i, (T, meta["height"], meta["width"], 3))
             jobs.append(ClipJob(i, pieces, out, after=self.copied[b % loader.RING_DEPTH]))
         return b, loader.pool.submit(jobs), jobs, {"start": start, "audio": audio, "key": key, "meta": metas}

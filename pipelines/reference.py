@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from stica.media import decode_flac, decoder_missing, segment_frames
-from stica.shards import (audio_segment_samples, clip_pieces, load_manifest, parse_info, read_index, read_members,
-                          shard_paths, split_audio, split_segments)
+from stica.shards import (audio_segment_samples, clip_segments, load_manifest, parse_info, read_index, read_members,
+                          shard_paths, split_audio)
 
 
 def hz_to_mel(f):
@@ -125,10 +125,9 @@ def video_view(frames: torch.Tensor, cfg, rng) -> torch.Tensor:
 
 
 def decode_clip(segs: bytes, info: bytes, start: int, num_frames: int, decoder: str = "pyav") -> np.ndarray:
-    meta, _ = parse_info(info)
-    segments = split_segments(segs, info)
-    frames = [segment_frames(segments[k], first, first + count, decoder)
-              for k, first, count in clip_pieces(start, num_frames, meta["seg_frames"], meta["num_frames"])]
+    meta, offsets = parse_info(info)
+    frames = [segment_frames(segment, first, first + count, decoder)
+              for segment, first, count in clip_segments(segs, meta, offsets, start, num_frames)]
     frames = np.concatenate(frames)
     return np.concatenate([frames, frames[-1:].repeat(num_frames - len(frames), 0)])  # edge padding, as DALI's
 

@@ -79,6 +79,13 @@ def clip_pieces(start: int, num_frames: int, seg_frames: int, total_frames: int)
     return pieces
 
 
+def clip_segments(segs, meta: dict, offsets, start: int, num_frames: int) -> list[tuple[bytes, int, int]]:
+    """clip_pieces with each piece's segment cut out of the video member (bytes or a uint8
+    array) at KEY.info's offsets (parse_info's): (segment bytes, first frame in it, frames)."""
+    return [(bytes(segs[offsets[k]:offsets[k + 1]]), first, count)
+            for k, first, count in clip_pieces(start, num_frames, meta["seg_frames"], meta["num_frames"])]
+
+
 def audio_segment_samples(seg_frames: int, rate: int, fps: int) -> int:
     """P: the samples at `rate` of every audio segment but the last."""
     return seg_frames * rate // fps

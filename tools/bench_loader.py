@@ -242,7 +242,7 @@ def _nvdec_cpu_step(cfg, opts, tars, idxs, threads: int, demux: bool):
     (its segments' bytes, as pipelines/nvdec.py cuts them) and, with demux, spdl-io's demuxing of
     each segment, which an NVDEC session does before the engine decodes."""
     from stica.pipelines.nvdec import draw_pipeline
-    from stica.shards import clip_pieces, parse_info
+    from stica.shards import clip_segments, parse_info
 
     p = draw_pipeline(tars, idxs, cfg, opts["seg_frames"], opts["fps"], 0, 1, cfg.seed, batch_size=cfg.batch_size,
                       num_threads=threads, device_id=None, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True,
@@ -255,8 +255,7 @@ def _nvdec_cpu_step(cfg, opts, tars, idxs, threads: int, demux: bool):
         segs, info, start, _, _ = ([np.asarray(t) for t in out] for out in p.run())
         for i in range(len(info)):
             meta, offsets = parse_info(info[i])
-            for k, _, _ in clip_pieces(int(start[i]), cfg.num_frames, meta["seg_frames"], meta["num_frames"]):
-                segment = segs[i][offsets[k]:offsets[k + 1]].tobytes()
+            for segment, _, _ in clip_segments(segs[i], meta, offsets, int(start[i]), cfg.num_frames):
                 if demux:
                     spdl.io.demux_video(segment)
 

@@ -217,17 +217,16 @@ def spdl_nvdec_decode(shards: Path, clips: int = 256) -> dict:
     segment of a clip (demux, decode, RGB), on one thread, decode only (no augmentation)."""
     import spdl.io
 
-    from stica.shards import clip_pieces, parse_info, read_index, read_members, shard_paths, split_segments
+    from stica.shards import clip_segments, parse_info, read_index, read_members, shard_paths
 
     tars, idxs = shard_paths(str(shards), "train")
     work = []
     with open(tars[0], "rb") as f:
         for _, members in read_index(idxs[0]):
             segs, info = read_members(f, members, ("segs", "info")).values()
-            meta, _ = parse_info(info)
-            pieces = split_segments(segs, info)
+            meta, offsets = parse_info(info)
             start = (len(work) * 7) % max(1, meta["num_frames"] - 30)
-            work.append([pieces[k] for k, _, _ in clip_pieces(start, 30, meta["seg_frames"], meta["num_frames"])])
+            work.append([segment for segment, _, _ in clip_segments(segs, meta, offsets, start, 30)])
     work = (work * (clips // len(work) + 1))[:clips]
     cuda = spdl.io.cuda_config(0)
     for segments in work[:8]:  # warm-up: the thread's decoder is created
