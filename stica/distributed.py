@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,8 +31,10 @@ class Dist:
         return self.rank == 0
 
 
-def setup(backend: str = "auto") -> Dist:
-    """NCCL on GPUs, gloo on CPUs; a plain `python -m stica.train` runs as a world of one."""
+def setup(backend: str = "auto", timeout_s: float | None = None, trace_dir: Path | None = None) -> Dist:
+    """NCCL on GPUs, gloo on CPUs; a plain `python -m stica.train` runs as a world of one.
+    `timeout_s` bounds every collective (and the rendezvous's store) until `set_timeout` changes
+    it; `trace_dir` receives NCCL's flight-recorder dumps."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cuda = torch.cuda.is_available()
@@ -37,9 +42,50 @@ def setup(backend: str = "auto") -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if (backend == "auto" and cuda) else ("gloo" if backend == "auto" else backend),
-                                device_id=device if cuda else None)
+        name = "nccl" if (backend == "auto" and cuda) else ("gloo" if backend == "auto" else backend)
+        if name == "nccl":
+            nccl_error_handling(trace_dir)
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        store, rank, world = next(dist.rendezvous("env://", **({"timeout": timeout} if timeout else {})))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's shared store outlives a restart of the group: in it the restarted ranks
+            # found the last attempt's gloo addresses (dead processes) and failed with "Connection
+            # refused" in 3 of 6 restarts here. Each attempt keys its own. A node that joins
+            # afresh counts attempts from 0, so for replaced nodes torchrun must not share its
+            # store: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/training.md).
+            store = dist.PrefixStore(f"stica/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
+            if rank == 0 and world != local_world:
+                print("[stica.train] warning: torchrun shares its store across nodes; a replaced node will hang "
+                      "the rendezvous. Launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.", file=sys.stderr, flush=True)
+        dist.init_process_group(name, store=store, rank=rank, world_size=world, device_id=device if cuda else None,
+                                timeout=timeout)
     return Dist(rank, world, local_rank, local_world, device)
+
+
+def nccl_error_handling(trace_dir: Path | None):
+    """A timed-out NCCL collective aborts its communicator and ends the process (mode 1), so torchrun
+    sees a failed worker and restarts the group from the checkpoint; without it the watchdog may
+    leave the process alive and stuck. The flight recorder keeps each rank's last collectives and
+    dumps them on a timeout: `python -m torch.distributed.flight_recorder.fr_trace DIR` then names
+    the rank that never joined. What the user set in the environment wins."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"):  # torch 2.13's name, and the older one
+        os.environ.setdefault(name, "2000")
+    if trace_dir is not None:
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        for name in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
+            os.environ.setdefault(name, str(Path(trace_dir) / "rank_"))
+
+
+def set_timeout(seconds: float):
+    """Every process group's collective timeout from now on (the BN subgroups too): long for
+    start-up, short once steps are steady (comm.init_timeout_s, comm.train_timeout_s)."""
+    if not dist.is_initialized():
+        return
+    c10d = dist.distributed_c10d
+    for group in [g for g in c10d._world.pg_map if not c10d._rank_not_in_group(g)]:
+        c10d._set_pg_timeout(timedelta(seconds=seconds), group)
 
 
 def amp_dtype(amp: str, device: torch.device):

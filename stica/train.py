@@ -25,6 +25,7 @@ from stica import checkpoint, distributed
 from stica.config import HelpFormatter, load_config, save_config
 from stica.batchnorm import convert_sync_batchnorm, sync_group
 from stica.crops import crop_layout, sample_crops, windows
+from stica.heartbeat import Heartbeat
 from stica.losses import Keys, stica_terms
 from stica.model import Stica, feature_grid
 from stica.pipelines.loader import build_loader
@@ -131,11 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    dist = distributed.setup(cfg.train.backend)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    dist = distributed.setup(cfg.train.backend, cfg.comm.init_timeout_s, run_dir / "comm_traces")
     if dist.main:
         save_config(cfg, run_dir / "config.yaml")
+    with Heartbeat(run_dir, dist.rank, dist.world, cfg.comm.heartbeat_s) as heartbeat:
+        train(cfg, dist, run_dir, heartbeat)
+
+
+def train(cfg, dist, run_dir: Path, heartbeat: Heartbeat):
     torch.manual_seed(cfg.run.seed + dist.rank)
     np.random.seed(cfg.run.seed + dist.rank)
     gpu = dist.device.type == "cuda"
@@ -180,6 +186,7 @@ def main(argv=None):
     terms = stica_terms(cfg.loss, cfg.data.views, crop_layout(cfg.crops, feature_grid(
         cfg.data.num_frames, cfg.data.crop_size, cfg.data.crop_size)), dist.device)
     compile_regions(model, terms, cfg.train.compile, cfg.train.compile_mode)
+    distributed.set_timeout(cfg.comm.init_timeout_s)  # the BN subgroups were made with torch's default
     core = model
     if dist.world > 1:
         # No buffer broadcast: BN's running statistics serve only evaluation, which reads rank 0's
@@ -208,7 +215,8 @@ def main(argv=None):
     log.info(f"{dist.world} process(es) on {dist.device.type}, global batch {global_batch}, {steps_per_epoch} "
              f"steps/epoch, peak lr {peak_lr:.4g}, {sum(p.numel() for p in core.parameters()) / 1e6:.2f}M params")
 
-    saved = step
+    saved = first_step = step
+    heartbeat.advance(step)
     stop = StopRequest()
     meter = Meter(dist.device)
 
@@ -263,6 +271,9 @@ def main(argv=None):
             loss, losses = train_step(model, batch, cfg, terms, rng, dist.device, channels_last, amp_dtype,
                                       optimizer, scaler)
             step += 1
+            heartbeat.advance(step)
+            if step == first_step + 1:  # start-up is over: a rank that stops from here on ends the job soon
+                distributed.set_timeout(cfg.comm.train_timeout_s)
             meter.add(step, t_got - t_wait, time.perf_counter() - t_wait, loss, losses)
             last = step >= total_steps
             if step % cfg.train.log_every == 0 or step % cfg.train.ckpt_every == 0 or last:

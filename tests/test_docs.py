@@ -17,6 +17,7 @@ FILE_SUFFIXES = {"py", "md", "yaml", "json", "jsonl", "csv", "png", "pt", "txt",
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """Every command a user types, by the words that start it."""
     from stica.eval import build_parser as eval_parser
+    from stica.heartbeat import build_parser as heartbeat_parser
     from stica.tools.bench import build_parser as bench_parser
     from stica.tools.demo import build_parser as demo_parser
     from stica.tools.export import build_parser as export_parser
@@ -26,6 +27,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 
     return {"stica-shard": shard_parser(), "stica-bench": bench_parser(), "stica-export": export_parser(),
             "stica-demo": demo_parser(), "stica.train": train_parser(), "stica.eval": eval_parser(),
+            "stica.heartbeat": heartbeat_parser(),
             "stica.tools.footage": footage_parser()}
 
 
