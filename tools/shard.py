@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir", help="a stica-shard output directory")
     v.add_argument("--device", choices=["cpu", "mixed"], default="cpu",
                    help="DALI decoder backend (mixed = NVDEC, needed for h264 shards)")
+    v.add_argument("--sources", default=None,
+                   help="the source videos' root: each sample whose source is found there (by file name) must "
+                        "have the geometry a player shows of it (rotation, pixel aspect)")
     return parser
 
 
@@ -121,6 +124,9 @@ def pack(args) -> int:
     if result["concealed"]:
         print(f"{result['concealed']} video(s) packed with corrupt packets concealed: see 'concealed' in "
               f"{args.out}/manifest.json")
+    if result["normalised"]:
+        print("shown as a player shows them (see 'display' in each KEY.json): "
+              + ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in sorted(result["normalised"].items())))
     print(f"packed {sum(result['packed'].values())} videos ({packed}); failed {len(result['failures'])}"
           + (f" ({', '.join(f'{k}: {n}' for k, n in sorted(stages.items()))}); see {args.out}/failures.jsonl"
              if stages else ""))
@@ -148,7 +154,7 @@ def merge(args) -> int:
 def verify(args) -> int:
     from stica.tools.verify import verify as run_verify
 
-    problems = run_verify(args.dir, device=args.device)
+    problems = run_verify(args.dir, device=args.device, sources=args.sources)
     for p in problems:
         print(p)
     print(f"verify {args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")

@@ -16,6 +16,7 @@ import numpy as np
 
 from stica.media import decode_flac, iter_frames
 from stica.shards import FORMAT_VERSION, audio_segment_samples, pack_info
+from stica.tools.display import PACKED_MATRIX, PACKED_RANGE, output_size, packed_frame, probe
 
 CODECS = {  # name -> (encoder, container, options)
     # bf=0 / lag-free settings: DALI's index drops packets with negative pts (research/dali.md).
@@ -50,17 +51,12 @@ class PackError(Exception):
         self.stage, self.reason = stage, reason
 
 
-def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    scale = short_side / min(width, height)
-    even = lambda x: max(2, int(round(x * scale / 2)) * 2)  # yuv420p needs even sizes
-    return even(width), even(height)
-
-
 class SegmentEncoder:
     """Cuts the output frame sequence into independent files of `seg_frames` frames each."""
 
-    def __init__(self, opts: PackOptions, width: int, height: int):
+    def __init__(self, opts: PackOptions, width: int, height: int, primaries: int, transfer: int):
         self.opts, self.width, self.height = opts, width, height
+        self.primaries, self.transfer = primaries, transfer
         self.segments: list[bytes] = []
         self.lengths: list[int] = []
         self._open()
@@ -71,6 +67,11 @@ class SegmentEncoder:
         self._out = av.open(self._buf, "w", format=fmt, options=BITEXACT)
         stream = self._out.add_stream(encoder, rate=self.opts.fps)
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+        # Tagged with what it holds (tools/display.py): the matrix and levels it was converted to,
+        # the primaries and transfer it kept from the source.
+        cc = stream.codec_context
+        cc.colorspace, cc.color_range = PACKED_MATRIX, PACKED_RANGE
+        cc.color_primaries, cc.color_trc = self.primaries, self.transfer
         stream.thread_count = 1  # parallelism comes from packing videos side by side; 1 thread is deterministic
         stream.options = {**options, "crf": str(self.opts.crf), "g": str(self.opts.seg_frames),
                           **({"cpu-used": str(self.opts.speed)} if self.opts.codec == "vp9" else {})}
@@ -178,8 +179,7 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
             raise PackError("probe", "no audio stream (pass --allow-no-audio to pack it with silence)")
         vstream.thread_count = 1
         src_rate = float(vstream.average_rate or opts.fps)
-        width, height = output_size(vstream.codec_context.width, vstream.codec_context.height, opts.short_side)
-        encoder = SegmentEncoder(opts, width, height)
+        display = encoder = None  # from the first decoded frame: its side data carries the display matrix
         audio = AudioTrack(opts.audio_rate)
         t0 = held = None
         emitted = n_src = 0
@@ -201,7 +201,13 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
                         audio.add(frame)
                         continue
                     t = _frame_time(frame, n_src, src_rate)
-                    t0 = t if t0 is None else t0
+                    if t0 is None:
+                        try:
+                            t0, display = t, probe(frame, vstream)
+                        except ValueError as e:
+                            raise PackError("probe", str(e)) from None
+                        width, height = output_size(display, opts.short_side)
+                        encoder = SegmentEncoder(opts, width, height, frame.color_primaries, frame.color_trc)
                     # Constant frame rate by sample-and-hold: output frame i shows the last source
                     # frame whose time, rounded to the output grid, is <= i (FFmpeg's fps filter rule).
                     # Repeats and drops happen here, so VFR sources map to time correctly.
@@ -209,7 +215,7 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
                     while held is not None and emitted < slot:
                         encoder.add(held)
                         emitted += 1
-                    held = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+                    held = packed_frame(frame, display, width, height)
                     gap = t - last_t if n_src else gap
                     last_t, n_src = t, n_src + 1
             if astream is not None:
@@ -273,7 +279,7 @@ def transcode(path: str | Path, key: str, label: str, label_index: int, opts: Pa
         "concealed_seconds": round(lost_seconds, 3),
         "seg_frames": opts.seg_frames, "num_segments": len(segments), "source": path.name,
         "source_fps": round(src_rate, 3), "source_width": vstream.codec_context.width,
-        "source_height": vstream.codec_context.height,
+        "source_height": vstream.codec_context.height, "display": display.record(),
     }
     members = {
         "segs": b"".join(segments),
