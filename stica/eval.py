@@ -73,9 +73,10 @@ def gather_by_key(rows: dict, dist) -> dict:
 
 
 def in_chunks(fn, x: torch.Tensor, cfg, device) -> torch.Tensor:
-    """fn over the rows of x, eval.chunk rows per forward, under autocast (train.amp) on the GPU:
-    8 videos x 10 clips x 3 crops in one fp32 forward would peak at tens of GiB."""
-    amp = distributed.amp_dtype(cfg.train.amp, device)
+    """fn over the rows of x, eval.chunk rows per forward, under the trainer's autocast (train.amp on
+    the GPU, train.cpu_bf16 on the CPU): 8 videos x 10 clips x 3 crops in one fp32 forward would
+    peak at tens of GiB."""
+    amp = distributed.amp_dtype(cfg.train.amp, device, cfg.train.cpu_bf16)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         return torch.cat([fn(part.to(device, non_blocking=True).float()).float() for part in x.split(cfg.eval.chunk)])
 

@@ -28,7 +28,6 @@ from stica.crops import crop_layout, sample_crops, windows
 from stica.heartbeat import Heartbeat
 from stica.losses import Keys, stica_terms
 from stica.model import Stica, feature_grid
-from stica.pipelines.loader import build_loader
 
 
 def learning_rate(step: int, cfg, peak: float, steps_per_epoch: int) -> float:
@@ -163,6 +162,8 @@ def train(cfg, dist, run_dir: Path, heartbeat: Heartbeat):
         loader_state = checkpoint.rescale_position(resume, dist.world)
 
     # Data
+    from stica.pipelines.loader import build_loader  # here: the model-only benchmarks import this module without DALI
+
     loader = build_loader(cfg.data, dist.rank, dist.world, dist.local_rank, backend=cfg.data.loader,
                           workers=cfg.data.workers, state=loader_state,
                           bad_samples=resume.get("bad_samples", []) if resume else [])
@@ -196,7 +197,9 @@ def train(cfg, dist, run_dir: Path, heartbeat: Heartbeat):
 
     # Optimiser (lr scaled by the global batch)
     peak_lr = cfg.optim.base_lr * global_batch / cfg.optim.base_batch
-    amp_dtype = distributed.amp_dtype(cfg.train.amp, dist.device)
+    amp_dtype = distributed.amp_dtype(cfg.train.amp, dist.device, cfg.train.cpu_bf16)
+    if cfg.train.cpu_bf16 and not gpu and amp_dtype is None:
+        log.info("train.cpu_bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); training in fp32")
     optimizer = make_optimizer(core.parameters(), cfg.optim, peak_lr, dist.device, amp_dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 

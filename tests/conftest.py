@@ -5,12 +5,14 @@ import time
 import numpy as np
 import pytest
 
-from stica.tools.synth import gray_frame, tone, uniform_times, write_av
 
 SIZE = (96, 72)
 
 
 def make_clip(path, seconds=2.0, fps=30.0, value=lambda t: int(40 + 80 * t) % 256, freq=440.0, audio=True, **kw):
+    # PyAV imported here, not above: gpu-check's first part runs the gpu tests where it is not installed.
+    from stica.tools.synth import gray_frame, tone, uniform_times, write_av
+
     return write_av(path, lambda t: gray_frame(value(t), SIZE), uniform_times(seconds, fps),
                     tone(freq) if audio else None, size=SIZE, **kw)
 
@@ -56,6 +58,7 @@ def pack_timecoded(root, short_side: int, codec: str = "vp9", size=(96, 72), sec
     """Classes a and b of 4 time-coded videos each (frame i is flat gray level(i), the sound a chirp
     whose pitch encodes time), packed 3 per shard."""
     from stica.tools.shard import main as shard_main
+    from stica.tools.synth import write_av
 
     for c in ("a", "b"):
         (root / "videos" / c).mkdir(parents=True)

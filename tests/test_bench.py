@@ -156,3 +156,78 @@ def test_loader_table_says_why_torchcodec_was_not_measured(monkeypatch):
     rows = bench_loader.run_loader("unused", {"parallel": [1, 2]}, ["torchcodec"])
     assert len(rows) == 1 and rows[0]["clips_per_s"] is None
     assert "| torchcodec | not measured: RuntimeError: Could not load libtorchcodec |" in loader_table(rows)[-1]
+
+
+def test_gpu_check_budget_leaves_out_what_does_not_fit_and_writes_after_every_part(tmp_path):
+    """A catalogue of stand-in parts: one measured, one that raises, one too long for what is
+    left of the budget. Each part finds the one before it already in results.json and report.md;
+    the left-out part is named with the --parts call that finishes it, and that call merges."""
+    from stica.tools import gpu_check
+    from stica.tools.bench import PRESETS
+    from stica.tools.gpu_check import Part
+
+    out = tmp_path / "check"
+    seen = {}
+
+    def first(c):
+        return {"figure": 42}
+
+    def broken(c):
+        seen["on disk"] = json.loads((out / "results.json").read_text())["first"]
+        seen["in report"] = "## Time by part" in (out / "report.md").read_text()
+        raise RuntimeError("the device fell over")
+
+    def last(c):
+        return {"figure": 7}
+
+    catalogue = (Part("first", first, 1), Part("broken", broken, 1), Part("long", last, 3600), Part("last", last, 1))
+    assert gpu_check.main(out, PRESETS["quick"], ("first", "broken", "long", "last"), budget=60,
+                          catalogue=catalogue) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert seen == {"on disk": {"figure": 42}, "in report": True}
+    assert results["first"] == {"figure": 42} and results["last"] == {"figure": 7}  # a smaller part still fits
+    assert "RuntimeError: the device fell over" in results["broken"]["traceback"]
+    assert results["left_out"] == [{"part": "long", "expected_s": 3600}] and "long" not in results
+    assert results["finish_with"] == f"stica-bench --gpu-check --out {out} --parts long"
+    assert set(results["timings"]) == {"first", "broken", "last"}
+    report = (out / "report.md").read_text()
+    assert "## Left out by the budget" in report and results["finish_with"] in report
+    assert "## Parts that failed" in report and "the device fell over" in report
+
+    # The finishing call: the long part runs, merged with what the first call measured.
+    assert gpu_check.main(out, PRESETS["quick"], ("long",), catalogue=catalogue) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["long"] == {"figure": 7} and merged["first"] == {"figure": 42} and merged["left_out"] == []
+    # A part measured on this device plans with its measured time, not its estimate.
+    merged["timings"]["long"] = 5
+    (out / "results.json").write_text(json.dumps(merged))
+    assert gpu_check.main(out, PRESETS["quick"], ("long",), budget=10, catalogue=catalogue) == 0
+    assert json.loads((out / "results.json").read_text())["left_out"] == []
+
+
+def test_gpu_check_part_one_runs_where_only_torch_is_installed(tmp_path):
+    """As on a bare GPU machine: PyAV, DALI, spdl-io, torchcodec and webdataset do not import
+    (a sitecustomize hides them from this process and the pytest it starts). The torch parts'
+    runner loads, its gpu tests run (the modules that need PyAV report collection errors), and the
+    parts on shards are skipped, naming what is missing."""
+    import subprocess
+    import sys
+
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('av', 'nvidia', 'nvidia.dali', 'spdl', 'spdl.io', 'torchcodec', 'webdataset', "
+        "'wds2idx'):\n    sys.modules[name] = None\n")
+    out = tmp_path / "check"
+    env = {**__import__("os").environ, "PYTHONPATH": str(hide)}
+    proc = subprocess.run([sys.executable, "-m", "stica.tools.bench", "--gpu-check", "--out", str(out),
+                           "--parts", "gpu_tests,model,step_levers,loader"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    tests = results["gpu_tests"]
+    assert tests["dali"] is False and tests["skipped"] >= 5 and tests["failed"] == 0
+    assert not any(isinstance(v, dict) and "traceback" in v for v in results.values())
+    skipped = "\n".join(results["skipped"])
+    assert "shards: av, nvidia.dali not installed" in skipped and "loader: av, nvidia.dali not installed" in skipped
+    assert "model: needs a CUDA GPU" in skipped

@@ -107,3 +107,29 @@ def test_a_small_demo_writes_its_table_json_and_plot(tmp_path, capsys):
     assert result["metrics"][0]["chance"] == pytest.approx(1 / 12)
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert "linear probe top-1" in capsys.readouterr().out
+
+
+def test_recorded_results_render_into_their_marked_blocks(tmp_path):
+    from stica.tools.demo import render, score_table, seeds_table
+
+    metric = {"name": "audio->video R@1", "trained": 0.0625, "trained_ci": [0.03125, 0.099], "init": 0.005,
+              "init_ci": [0.0, 0.016], "chance": 0.0052, "verdict": "better"}
+    result = {"metrics": [metric], "seed": 0, "stage_seconds": {"corpus": 20.4, "training": 250.2},
+              "total_seconds": 301.0, "date": "2026-12-07", "commit": "abc1234", "machine": "2 cores of X"}
+    table = score_table(result)
+    assert "| audio->video R@1 | 0.062 (0.031-0.099) | 0.005 (0.000-0.016) | 0.005 | better |" in table
+    assert table.endswith("2026-12-07, abc1234, 2 cores of X: 301 s in all (corpus 20 s, training 250 s).")
+    page = "intro\n<!-- demo:scores -->\nstale\n<!-- /demo:scores -->\nafter\n"
+    assert render(page, {"scores": table}) == f"intro\n<!-- demo:scores -->\n{table}\n<!-- /demo:scores -->\nafter\n"
+    assert render(render(page, {"scores": table}), {"scores": table}) == render(page, {"scores": table})
+    seeds = seeds_table([{**result, "seed": 1, "metrics": [metric, {**metric, "name": "video->audio R@1"},
+                                                            {**metric, "name": "audio->video R@5"},
+                                                            {**metric, "name": "class retrieval R@1"},
+                                                            {**metric, "name": "linear probe top-1",
+                                                             "verdict": "worse"}]}])
+    assert "| 1 | 4 of 5 | 0.062 | 0.062 | 0.062 | 0.062 (0.031-0.099) | 0.062 (0.031-0.099) | 301 s |" in seeds
+
+
+def test_record_refuses_a_demo_other_than_the_shipped_one(tmp_path):
+    with pytest.raises(SystemExit, match="--record stores the demo as shipped"):
+        demo_main(["--out", str(tmp_path), "--record", "--epochs", "1"])

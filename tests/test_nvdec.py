@@ -203,7 +203,7 @@ def test_the_nvdec_mode_resumes_mid_epoch_without_decoding_the_batches_it_skips(
 def test_auto_picks_nvdec_only_where_a_gpu_check_measured_it_fastest(tmp_path, monkeypatch):
     """The gpu-check's report names the fastest loader mode per codec (not the decode-only SPDL
     row); data.gpu_check hands it to auto, on the GPU it was measured on only."""
-    from stica.tools.gpu_check import fastest_modes
+    from stica.tools.gpu_loader import fastest_modes
 
     row = lambda codec, decode, rate: {"backend": "dali", "codec": codec, "decode": decode, "clips_per_s": rate}
     results = {"header": {"device": "NVIDIA H200"},

@@ -22,7 +22,6 @@ from stica.config import HelpFormatter
 from stica.distributed import amp_dtype
 from stica.shards import load_manifest
 from stica.tools import gpu_check
-from stica.tools.bench_loader import clip_cost, cpu_side, epoch_boundary, profile, run_loader, run_soak
 from stica.tools.bench_model import run_model
 from stica.tools.bench_train import run_end_to_end
 from stica.tools.measure import KINETICS_TRAIN, device_name, loader_table, loader_winners, write_csv
@@ -44,16 +43,18 @@ def markdown(results: dict) -> str:
     if results.get("model"):
         out += ["## Model only (synthetic tensors)", "",
                 "Ops: the aten operations one step dispatches (forward + backward + SGD update), about one kernel "
-                "launch each on a GPU.", "",
-                "| pooling | strategy | ms/step (min-max) | clips/s | vs Default | GPU-h/epoch | paper GPU-h (V100) | paper vs Default | peak GiB | max batch | ops (fwd + bwd + update) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "launch each on a GPU. GFLOP: the arithmetic of that step (torch.utils.flop_counter), which does not "
+                "drift with the machine.", "",
+                "| pooling | strategy | ms/step (min-max) | clips/s | vs Default | GPU-h/epoch | paper GPU-h (V100) | paper vs Default | peak GiB | max batch | ops (fwd + bwd + update) | GFLOP |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["model"]:
             f = lambda v, fmt: "-" if v is None else format(v, fmt)
             out.append(f"| {r['pooling']} | {r['strategy']} | {r['step_s'] * 1000:.1f} ({r['step_s_min'] * 1000:.1f}-"
                        f"{r['step_s_max'] * 1000:.1f}) | {r['clips_per_s']:.2f} | {r['relative_to_default']:.2f}x | "
                        f"{r['gpu_hours_per_epoch']:.1f} | {f(r['paper_gpu_hours_v100'], '.1f')} | "
                        f"{f(r['paper_relative'], '.2f')} | {f(r['peak_mem_gib'], '.2f')} | {r.get('max_batch', '-')} | "
-                       f"{r['ops']:,} ({r['ops_forward']:,} + {r['ops_backward']:,} + {r['ops_update']:,}) |")
+                       f"{r['ops']:,} ({r['ops_forward']:,} + {r['ops_backward']:,} + {r['ops_update']:,}) | "
+                       f"{f(r['gflops'], '.2f')} |")
         out.append("")
     if results.get("loader"):
         out += ["## Loader only (two views + spectrogram per clip, whole epochs)", "", *loader_table(results["loader"]), ""]
@@ -192,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "preset, the step's levers (conv, compile), the loader in mixed/hybrid/cpu modes, 120 "
                              "trainer steps on generated shards, the trainer at batch 8/32/largest eager and compiled; "
                              "without a GPU it runs what it can and lists what it skipped")
-    parser.add_argument("--parts", default=",".join(gpu_check.PARTS),
+    parser.add_argument("--parts", default=",".join(gpu_check.NAMES),
                         help="with --gpu-check: run these parts only, merged into the report already in --out "
                              "(the gpu tests part re-runs only the tests that did not pass)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="with --gpu-check: seconds this call may take; a part that would not finish in what is "
+                             "left is not started, and the report names the --parts call that finishes the rest")
     return parser
 
 
@@ -202,7 +206,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.gpu_check:
-        return gpu_check.main(Path(args.out), PRESETS["full"], tuple(args.parts.split(",")))
+        return gpu_check.main(Path(args.out), PRESETS["full"], tuple(args.parts.split(",")), args.budget)
     preset = "quick" if args.quick else "full"
     p = PRESETS[preset]
     modes = set(args.modes.split(","))
@@ -219,6 +223,9 @@ def main(argv=None):
                "cpu_cores": os.cpu_count() or 1}
     if "model" in modes:
         results["model"] = run_model(p, device, amp, size)
+    # The loader benchmarks need DALI and PyAV: imported past --gpu-check and the model table, which need torch only.
+    from stica.tools.bench_loader import clip_cost, cpu_side, epoch_boundary, profile, run_loader, run_soak
+
     contents = [("generated scenes", args.shards)] + ([("camera footage", args.footage_shards)]
                                                       if args.footage_shards else [])
     if "loader" in modes:

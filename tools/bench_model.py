@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 from stica.config import load_config
 from stica.crops import crop_layout, sample_crops, windows
@@ -24,6 +25,9 @@ class Strategy:
     small: tuple[int, int] = (0, 0)  # (count, size) of extra small RGB views (Multi-Crop)
     crops: dict | None = None  # feature crops; {"full": True} = the whole map as the one crop
     paper_gpu_hours: float | None = None  # Table 1f (V100, average pooling)
+
+
+STICA = "Feature crops (2x6^2 + 4x4^2, 2x3 + 1x2)"  # the paper's strategy: the row every verdict reads
 
 
 def table_1f(map_side: int = 7, map_time: int = 4) -> list[Strategy]:
@@ -96,9 +100,9 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
 
     for _ in range(warmup):
         step()
-    counter = OpCounter()
+    counter, flops = OpCounter(), FlopCounterMode(display=False)
     if cfg.train.compile == "none":  # compiled regions launch generated kernels, which no dispatch mode sees
-        with counter:  # after the warm-up: lazy initialisation is not the step's
+        with counter, flops:  # after the warm-up: lazy initialisation is not the step's
             step(counter)
     times = []
     for _ in range(repeats):
@@ -111,7 +115,8 @@ def measure_step(cfg, strategy: Strategy, batch: int, frames: int, size: int, de
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t) / steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    return {"step_s": summarize(times), "peak_mem_gib": peak, "ops": counter.counts or None}
+    return {"step_s": summarize(times), "peak_mem_gib": peak, "ops": counter.counts or None,
+            "gflops": flops.get_total_flops() / 1e9 if counter.counts else None}
 
 
 def largest_batch(cfg, strategy: Strategy, frames: int, size: int, device, amp, limit: int = 1024) -> int:
@@ -161,7 +166,7 @@ def run_model(p: dict, device, amp, dataset_size: int, largest_for: tuple[str, .
                    "spread": slowest / fastest, "clips_per_s": rate, "relative_to_default": fastest / base,
                    "gpu_hours_per_epoch": gpu_hours(dataset_size, rate), "peak_mem_gib": m["peak_mem_gib"],
                    "ops_forward": m["ops"]["forward"], "ops_backward": m["ops"]["backward"],
-                   "ops_update": m["ops"]["update"], "ops": sum(m["ops"].values()),
+                   "ops_update": m["ops"]["update"], "ops": sum(m["ops"].values()), "gflops": m["gflops"],
                    "paper_gpu_hours_v100": s.paper_gpu_hours if layers == 0 else None,
                    "paper_relative": s.paper_gpu_hours / 17.3 if layers == 0 else None}
             # The embedding adds max_steps x 512 parameters: no batch search of its own.
@@ -169,7 +174,7 @@ def run_model(p: dict, device, amp, dataset_size: int, largest_for: tuple[str, .
                 row["max_batch"] = largest_batch(cfg, s, p["frames"], p["size"], device, amp)
             rows.append(row)
             print(f"[bench] model {row['pooling']:>34} | {s.name:<42} {step * 1000:8.1f} ms/step "
-                  f"({row['relative_to_default']:.2f}x), {row['ops']:,} ops", flush=True)
+                  f"({row['relative_to_default']:.2f}x), {row['ops']:,} ops, {row['gflops']:.1f} GFLOP", flush=True)
             if row["spread"] > 1.5:
                 print(f"[bench] warning: {s.name} ({row['pooling']}): repeats span {row['spread']:.1f}x "
                       f"({fastest * 1000:.1f}-{slowest * 1000:.1f} ms); the machine was busy. The ratio to Default "

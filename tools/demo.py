@@ -23,6 +23,9 @@ import colorsys
 import json
 import multiprocessing
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +44,7 @@ SHAPES = ("disc", "stick", "ring", "bar")  # the classes: the shape that sounds 
 REGISTERS = {shape: 330.0 * 2**i for i, shape in enumerate(SHAPES)}  # Hz: each shape's voice, an octave apart
 SIZE, FPS, SECONDS, AUDIO_RATE = 64, 15, 3.0, 24000
 SIZES, SPREAD = (5.0, 13.0), 0.3  # radius range (px); its pitch range, +-octaves about the register
+PACKING = ()  # stica-shard options beyond the size and rate
 
 
 def draw(shape: str, dx: np.ndarray, dy: np.ndarray, s: float) -> np.ndarray:
@@ -202,6 +206,78 @@ def table(metrics: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The committed result: README.md and docs/demo.md render their tables from these files.
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = ROOT / "docs" / "figures" / "demo.json"
+PAGES = (ROOT / "README.md", ROOT / "docs" / "demo.md")
+
+
+def seed_record(seed: int) -> Path:
+    return RECORD if seed == 0 else RECORD.with_name(f"demo-seed-{seed}.json")
+
+
+def score_table(result: dict) -> str:
+    rows = ["| score | trained (95% interval) | at initialisation (95% interval) | chance | verdict |",
+            "|---|---|---|---|---|"]
+    for m in result["metrics"]:
+        rows.append(f"| {m['name']} | {m['trained']:.3f} ({m['trained_ci'][0]:.3f}-{m['trained_ci'][1]:.3f}) | "
+                    f"{m['init']:.3f} ({m['init_ci'][0]:.3f}-{m['init_ci'][1]:.3f}) | {m['chance']:.3f} | "
+                    f"{m['verdict']} |")
+    stages = ", ".join(f"{name} {sec:.0f} s" for name, sec in result["stage_seconds"].items())
+    return "\n".join(rows) + (f"\n\n{result['date']}, {result['commit']}, {result['machine']}: {result['total_seconds']:.0f} s "
+                              f"in all ({stages}).")
+
+
+def seeds_table(results: list[dict]) -> str:
+    rows = ["| seed | better beyond the interval | probe | class retrieval | A->V R@5 | A->V R@1 | V->A R@1 | time |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: r["seed"]):
+        m = {x["name"]: x for x in r["metrics"]}
+        better = sum(x["verdict"] == "better" for x in r["metrics"])
+        r1 = lambda name: f"{m[name]['trained']:.3f} ({m[name]['trained_ci'][0]:.3f}-{m[name]['trained_ci'][1]:.3f})"
+        rows.append(f"| {r['seed']}{' (the default)' if r['seed'] == 0 else ''} | "
+                    f"{'**' if better == len(m) else ''}{better} of {len(m)}{'**' if better == len(m) else ''} | "
+                    f"{m['linear probe top-1']['trained']:.3f} | {m['class retrieval R@1']['trained']:.3f} | "
+                    f"{m['audio->video R@5']['trained']:.3f} | {r1('audio->video R@1')} | {r1('video->audio R@1')} | "
+                    f"{r['total_seconds']:.0f} s |")
+    return "\n".join(rows)
+
+
+def rendered_blocks() -> dict[str, str]:
+    """Each marked block of the pages, as the committed results render it."""
+    records = [json.loads(p.read_text()) for p in sorted(RECORD.parent.glob("demo*.json"))]
+    return {"scores": score_table(json.loads(RECORD.read_text())), "seeds": seeds_table(records)}
+
+
+def render(text: str, blocks: dict[str, str]) -> str:
+    """`text` with every `<!-- demo:NAME -->` ... `<!-- /demo:NAME -->` block replaced by its rendering."""
+    for name, block in blocks.items():
+        start, end = f"<!-- demo:{name} -->", f"<!-- /demo:{name} -->"
+        if start in text:
+            head, rest = text.split(start, 1)
+            text = f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
+    return text
+
+
+def source_commit() -> str:
+    """The checkout's commit, marked where tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{os.cpu_count()} cores of {model}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stica-demo", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="working directory (videos, shards, run)")
@@ -211,64 +287,108 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (unset: optim.epochs of "
                                                                   "configs/demo.yaml)")
     parser.add_argument("--procs", type=int, default=2, help="training processes (torchrun, gloo)")
+    parser.add_argument("--seed", type=int, default=0, help="data.seed and run.seed of the pretraining")
+    parser.add_argument("--record", action="store_true",
+                        help="store the result as the committed one (docs/figures/demo.json at seed 0, "
+                             "demo-seed-S.json otherwise) and render the README's and docs/demo.md's tables")
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides, key=value")
     return parser
+
+
+# Scoring takes about this share of the training time on 2 cores (2026-12-07: 48 s after 330 s):
+# both models' features of every video, one clip each, forward only.
+SCORING_SHARE = 0.15
+
+
+def train_with_eta(cmd: list[str], env: dict, t0: float):
+    """Runs the trainer, passing its lines on; to each of its ETA lines adds the whole demo's."""
+    started = time.perf_counter()
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:
+        for line in proc.stdout:
+            match = re.search(r"eta ([0-9.]+) min", line)
+            if match:
+                left = float(match.group(1)) * 60
+                step, total = (int(x) for x in re.search(r"step (\d+)/(\d+)", line).groups())
+                scoring = SCORING_SHARE * (time.perf_counter() - started) * total / max(step, 1)
+                line = line.rstrip("\n") + f" | demo: {time.perf_counter() - t0:.0f} s in, {(left + scoring) / 60:.1f} min to go\n"
+            print(line, end="", flush=True)
+    if proc.returncode:
+        raise SystemExit(f"[demo] pretraining failed (exit {proc.returncode})")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    config = ROOT / "configs" / "demo.yaml"
     if not config.exists():  # installed without the source tree
         raise SystemExit(f"{config} not found: run stica-demo from a source checkout")
+    defaults = build_parser().parse_args([])
+    if args.record and any(getattr(args, k) != getattr(defaults, k) for k in
+                           ("train_videos", "val_videos", "test_videos", "epochs", "procs", "overrides")):
+        raise SystemExit("--record stores the demo as shipped: leave the corpus, epochs, processes and "
+                         "overrides at their defaults (--seed may change)")
     t0 = time.perf_counter()
+    stages = {}
     workers = os.cpu_count() or 1
 
     print(f"[demo] 1/4 generating {args.train_videos} + {args.val_videos} + {args.test_videos} synthetic audio-visual "
           f"videos in {out}/videos", flush=True)
     csv = make_corpus(out / "videos", args.train_videos, args.val_videos, args.test_videos, workers=workers)
+    stages["corpus"] = time.perf_counter() - t0
 
-    print("[demo] 2/4 packing them with stica-shard", flush=True)
+    print(f"[demo] 2/4 packing them with stica-shard ({time.perf_counter() - t0:.0f} s in)", flush=True)
     from stica.tools.shard import main as shard_main
 
     shards = out / "shards"
     status = shard_main(["pack", "--root", str(out / "videos"), "--csv", str(csv), "--out", str(shards),
-                         "--short-side", str(SIZE), "--fps", str(FPS), "--workers", str(workers)])
+                         "--short-side", str(SIZE), "--fps", str(FPS), "--workers", str(workers), *PACKING])
     if status != 0:
         raise SystemExit(f"[demo] packing reported failures: see {shards}/failures.jsonl")
+    stages["packing"] = time.perf_counter() - t0 - sum(stages.values())
 
     run_dir = out / "train"
     epochs = [f"optim.epochs={args.epochs}"] if args.epochs is not None else []
-    overrides = [f"data.shards={shards}", f"run.dir={run_dir}", *epochs, *args.overrides]
-    print(f"[demo] 3/4 pretraining on {args.procs} CPU processes: torchrun -m stica.train --config {config} "
-          + " ".join(overrides), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    overrides = [f"data.shards={shards}", f"run.dir={run_dir}", f"data.seed={args.seed}", f"run.seed={args.seed}",
+                 *epochs, *args.overrides]
+    print(f"[demo] 3/4 pretraining on {args.procs} CPU processes ({time.perf_counter() - t0:.0f} s in): torchrun -m "
+          f"stica.train --config {config} " + " ".join(overrides), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 processes of 1 thread: 23.4 clips/s, 1 of 2: 15.6 (2026-12-07)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.procs}",
            "-m", "stica.train", "--config", str(config), *overrides]
-    t_train = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
-    train_seconds = time.perf_counter() - t_train
+    train_with_eta(cmd, env, t0)
+    stages["training"] = time.perf_counter() - t0 - sum(stages.values())
 
-    print("[demo] 4/4 scoring the trained model and the same model at initialisation on the held-out videos",
-          flush=True)
+    print(f"[demo] 4/4 scoring the trained model and the same model at initialisation on the held-out videos "
+          f"({time.perf_counter() - t0:.0f} s in, about {SCORING_SHARE * stages['training']:.0f} s to go)", flush=True)
     cfg = load_config(config, overrides + ["data.split=test"])
     dist = distributed.setup("gloo")
     trained, chance = per_video_scores(cfg, load_model(cfg, str(run_dir / "checkpoint.pt")), dist)
     init, _ = per_video_scores(cfg, load_model(cfg, None), dist)
     metrics = summarise(trained, init, chance)
+    stages["scoring"] = time.perf_counter() - t0 - sum(stages.values())
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    result = {"metrics": metrics, "test_videos": args.test_videos, "train_videos": args.train_videos,
-              "train_seconds": train_seconds,
+    better = sum(m["verdict"] == "better" for m in metrics)
+    result = {"metrics": metrics, "better": better, "seed": args.seed, "test_videos": args.test_videos,
+              "train_videos": args.train_videos, "steps": log[-1]["step"],
               "train_clips_per_s": float(np.median([r["clips_per_s"] for r in log[1:] or log])),
-              "total_seconds": time.perf_counter() - t0}
+              "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
+              "total_seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d"),
+              "commit": source_commit(), "machine": machine()}
     (out / "demo.json").write_text(json.dumps(result, indent=1))
     plot(metrics, run_dir / "log.jsonl", out / "demo.png")
     print(table(metrics))
-    better = sum(m["verdict"] == "better" for m in metrics)
     print(f"[demo] pretraining beats initialisation beyond its 95% interval on {better} of {len(metrics)} metrics "
-          f"({args.test_videos} held-out videos); training {train_seconds:.0f} s, "
-          f"total {result['total_seconds']:.0f} s; "
-          f"{out / 'demo.json'}, {out / 'demo.png'}")
+          f"({args.test_videos} held-out videos); {result['total_seconds']:.0f} s in all ("
+          + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + f"); {out / 'demo.json'}, {out / 'demo.png'}")
+    if args.record:
+        seed_record(args.seed).write_text(json.dumps(result, indent=1) + "\n")
+        if args.seed == 0:
+            shutil.copyfile(out / "demo.png", RECORD.with_suffix(".png"))
+        blocks = rendered_blocks()
+        for page in PAGES:
+            page.write_text(render(page.read_text(), blocks))
+        print(f"[demo] recorded {seed_record(args.seed)}; README.md and docs/demo.md re-rendered: commit them together")
     return 0
 
 
