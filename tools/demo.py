@@ -260,12 +260,13 @@ def render(text: str, blocks: dict[str, str]) -> str:
 
 
 def source_commit() -> str:
-    """The checkout's commit, marked where tracked files differ from it."""
+    """The checkout's commit, marked where tracked files other than the pages differ from it (the
+    record itself re-renders the pages)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!*.md"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+changes" if dirty else "")
