@@ -146,3 +146,17 @@ def test_help_gives_every_option_a_line_and_its_default(name, parser):
             line = parser._get_formatter()._get_help_string(action) % {"default": action.default}
             # argparse wraps the text, breaking long words too: compare without any whitespace
             assert "(default: " in line and "".join(line.split()) in "".join(text.split()), (name, action.dest)
+
+
+def test_the_demo_tables_are_the_committed_runs():
+    """README.md's and docs/demo.md's demo tables are rendered from docs/figures/demo*.json, the
+    files `stica-demo --record` writes: a table edited by hand, or a json rerun without
+    re-rendering, fails here."""
+    from stica.tools.demo import PAGES, render, rendered_blocks
+
+    blocks = rendered_blocks()
+    assert "<!-- demo:scores -->" in PAGES[0].read_text()
+    assert all(f"<!-- demo:{name} -->" in PAGES[1].read_text() for name in ("scores", "seeds"))
+    for page in PAGES:
+        text = page.read_text()
+        assert render(text, blocks) == text, f"{page}: its demo tables differ from docs/figures/demo*.json"
