@@ -1,4 +1,4 @@
-"""Samples DALI cannot decode at train time: found, named, and replaced by a valid one.
+"""Samples DALI cannot decode at train or evaluation time: found, named, and replaced by a valid one.
 
 DALI works on whole batches: one sample it cannot decode fails the batch and leaves the
 pipeline unusable, and its message names no sample ('Failed to create video decoder for
@@ -27,15 +27,16 @@ from stica.pipelines.clips import parse_source_info, read_shards
 from stica.shards import read_index, split_audio, split_segments
 
 
-def batch_members(tars, idxs, batch_size: int, shard_id: int, num_shards: int, shuffle_buffer: int, seed: int,
-                  batch: int) -> list[dict]:
+def batch_members(tars, idxs, batch_size: int, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int,
+                  seed: int, batch: int) -> list[dict]:
     """The raw members of batch `batch` of an epoch, from the reader alone: the reader is the
-    training graph's first operator, so with the same pipeline seed it draws the same order."""
+    training (or evaluation) graph's first operator, so read alike it draws the same order."""
     from nvidia.dali import pipeline_def
 
     @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, seed=seed, exec_dynamic=True)
     def reader():
-        return read_shards(tars, idxs, shard_id, num_shards, shuffle=True, shuffle_buffer=shuffle_buffer, seed=seed)
+        return read_shards(tars, idxs, shard_id, num_shards, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                           seed=seed)
 
     pipe = reader()
     pipe.build()

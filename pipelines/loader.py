@@ -97,9 +97,13 @@ class DaliLoader:
         """What an epoch's reader reads and how it draws: the same for its training pipeline and
         for the reader-only replay that finds a damaged sample."""
         tars, idxs = shard_paths(self.cfg.shards, self.cfg.split)
+        seed = (self.cfg.seed + 7919 * self.rank + 104729 * epoch) % 2**31
+        pretrain = self.kind == "pretrain"
         return {"tars": tars, "idxs": self.substitutes.index_paths(tars, idxs),
-                "shard_id": (self.rank + epoch) % self.world if self.kind == "pretrain" else self.rank,
-                "seed": (self.cfg.seed + 7919 * self.rank + 104729 * epoch) % 2**31}
+                "shard_id": (self.rank + epoch) % self.world if pretrain else self.rank, "seed": seed,
+                # as pipelines/pretrain.py's draw and pipelines/evaluation.py's reader read
+                "shuffle": pretrain, "shuffle_buffer": self.cfg.shuffle_buffer if pretrain else 1,
+                "read_seed": seed if pretrain else 0}
 
     def _build(self, epoch: int):
         cfg = self.cfg
@@ -142,8 +146,6 @@ class DaliLoader:
             except StopIteration:
                 break
             except RuntimeError as error:  # DALI lost the batch, and with it the pipeline
-                if self.kind != "pretrain":
-                    raise
                 iterator = None
                 self._replace_damaged(position, error)
                 skip, position = position, 0  # rebuilt, the epoch replays to the failed batch
@@ -170,8 +172,6 @@ class DaliLoader:
             try:
                 return self._build(epoch)
             except RuntimeError as error:
-                if self.kind != "pretrain":
-                    raise
                 self._replace_damaged(0, error)
 
     def add_bad_sample(self, record: dict):
@@ -190,7 +190,8 @@ class DaliLoader:
         found = []
         for batch in range(position, position + 1 + self.cfg.prefetch):  # an error may surface early
             members = batch_members(reader["tars"], reader["idxs"], self.cfg.batch_size, reader["shard_id"],
-                                    self.world, self.cfg.shuffle_buffer, reader["seed"], batch)
+                                    self.world, reader["shuffle"], reader["shuffle_buffer"], reader["read_seed"],
+                                    batch)
             for m in members:
                 reason = probe(m, "cpu" if self.device in ("cpu", "hybrid") else "mixed", self.cfg.audio.rate, self.local_rank)
                 if reason:
@@ -266,7 +267,7 @@ def build_loader(cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: 
                  backend: str = "dali", workers: int = 2, state: dict | None = None, bad_samples: list[dict] = ()):
     """backend: 'dali' (the product), 'reference' (PyAV + torch in DataLoader workers),
     'torchcodec' or 'spdl' (the reference loader decoding with torchcodec or spdl-io); state: a loader.state_dict()
-    to continue from (resuming a run); bad_samples: damaged samples found earlier (DALI only)."""
+    to continue from (resuming a run); bad_samples: damaged samples found earlier, replaced from the start."""
     if backend == "dali":
         opts = load_manifest(cfg.shards)["options"]
         device = resolve_device(cfg.device, opts["codec"], opts["short_side"], cfg.shards,
@@ -283,5 +284,6 @@ def build_loader(cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: 
         from stica.pipelines.reference import ReferenceLoader
 
         decoder = "pyav" if backend == "reference" else backend
-        return ReferenceLoader(cfg, rank, world, local_rank, kind, workers=workers, state=state, decoder=decoder)
+        return ReferenceLoader(cfg, rank, world, local_rank, kind, workers=workers, state=state, decoder=decoder,
+                               bad_samples=bad_samples)
     raise ValueError(f"loader backend must be dali, reference, torchcodec or spdl, not {backend!r}")

@@ -14,6 +14,7 @@ decode-and-augment engines.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -151,6 +152,10 @@ class ShardSamples(Dataset):
         tars, idxs = shard_paths(cfg.shards, cfg.split)
         self.samples = [(tar, key, members) for tar, idx in zip(tars, idxs) for key, members in read_index(idx)]
         self.filters = mel_filters(cfg.audio.n_mels, cfg.audio.nfft, cfg.audio.rate)
+        self.bad: dict[int, dict] = {}  # sample index -> its record: read by the workers each epoch forks
+        self.shard_span = {}  # tar -> [first, last + 1) of its samples
+        for j, (tar, _, _) in enumerate(self.samples):
+            self.shard_span[tar] = (self.shard_span.get(tar, (j, j))[0], j + 1)
 
     def __len__(self):
         return len(self.samples)
@@ -161,7 +166,35 @@ class ShardSamples(Dataset):
             return key, read_members(f, members)
 
     def __getitem__(self, i):
-        key, m = self._read(i)
+        """Sample i, or where it cannot be decoded the nearest one of its shard that can: the
+        trainer's rule (pipelines/damaged.py), so a damaged sample costs its place, not the run.
+        The damaged ones met travel with the sample (`damaged`) to the loader, which names them."""
+        tar, found = self.samples[i][0], []
+        for j in self._nearest_first(i):
+            if j in self.bad:
+                continue
+            try:
+                out = self._sample(j, i)
+            except Exception as e:  # PyAV's, torchcodec's or spdl-io's error, whichever decodes
+                record = {"shard": Path(tar).name, "key": self.samples[j][1], "offset": self.samples[j][2]["segs"][0],
+                          "reason": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}",
+                          "epoch": self.epoch, "sample": j}
+                self.bad[j] = record
+                found.append(record)
+                continue
+            return {**out, "damaged": found}
+        raise RuntimeError(f"{tar}: every sample is damaged; repack it (stica-shard verify names them)")
+
+    def _nearest_first(self, i):
+        """i, then the other samples of its shard by distance (a shard's samples are listed together)."""
+        lo, hi = self.shard_span[self.samples[i][0]]
+        yield i
+        for d in range(1, hi - lo):
+            yield from (j for j in (i + d, i - d) if lo <= j < hi)
+
+    def _sample(self, j, i):
+        """Sample j's clips, drawn as sample i's (a substitute takes the draws of the place it fills)."""
+        key, m = self._read(j)
         meta, _ = parse_info(m["info"])
         cfg, T = self.cfg, self.cfg.num_frames
         rng = np.random.default_rng([self.seed, self.epoch, i])  # same draws whichever worker runs it
@@ -169,7 +202,7 @@ class ShardSamples(Dataset):
         if self.kind == "pretrain":
             starts = [int(rng.integers(0, span + 1))]
         else:
-            starts = [int(span * j / max(1, cfg.eval_clips - 1)) for j in range(cfg.eval_clips)]
+            starts = [int(span * c / max(1, cfg.eval_clips - 1)) for c in range(cfg.eval_clips)]
         clips = [torch.from_numpy(decode_clip(m["segs"], m["info"], s, T, self.decoder)) for s in starts]
         audio = [log_mel(audio_clip(m["flac"], m["info"], s, T / self.fps, self.decoder)
                          * (rng.uniform(*cfg.audio.volume_jitter) if self.kind == "pretrain" else 1.0),
@@ -202,7 +235,7 @@ def eval_crops(frames: torch.Tensor, cfg) -> list[torch.Tensor]:
 
 class ReferenceLoader:
     def __init__(self, cfg, rank: int = 0, world: int = 1, local_rank: int = 0, kind: str = "pretrain",
-                 workers: int = 2, state: dict | None = None, decoder: str = "pyav"):
+                 workers: int = 2, state: dict | None = None, decoder: str = "pyav", bad_samples: list[dict] = ()):
         if decoder != "pyav" and (why := decoder_missing(decoder)):
             raise RuntimeError(f"data.loader={decoder}: {decoder} cannot run here ({why}); install it with "
                                "FFmpeg's shared libraries, or use data.loader=reference")
@@ -213,6 +246,18 @@ class ReferenceLoader:
         self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=kind == "pretrain",
                                           seed=cfg.seed, drop_last=False)
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
+        self.rank, self.bad_samples, self.new_bad_samples = rank, [], []
+        for record in bad_samples:
+            self.add_bad_sample(record)
+
+    def add_bad_sample(self, record: dict):
+        """A sample no later epoch decodes again: its shard's nearest valid one stands in for it."""
+        if any(r["shard"] == record["shard"] and r["key"] == record["key"] for r in self.bad_samples):
+            return
+        self.bad_samples.append(record)
+        for j, (tar, key, _) in enumerate(self.dataset.samples):
+            if Path(tar).name == record["shard"] and key == record["key"]:
+                self.dataset.bad[j] = record
 
     def __len__(self):
         n = len(self.sampler)
@@ -231,6 +276,12 @@ class ReferenceLoader:
                             drop_last=self.kind == "pretrain", collate_fn=_collate)
         for batch in loader:
             self.batch += 1
+            for record in (r for found in batch.pop("damaged") for r in found):
+                record = {**record, "batch": self.batch - 1, "rank": self.rank}
+                print(f"[stica.loader] rank {self.rank}: {record['shard']} sample {record['key']} cannot be decoded "
+                      f"({record['reason']}); a valid sample of its shard stands in for it from now on", flush=True)
+                self.add_bad_sample(record)
+                self.new_bad_samples.append(record)
             if self.kind == "pretrain":
                 batch["video"] = [batch.pop(f"view{v}") for v in range(self.views)]
             else:
@@ -243,5 +294,5 @@ def _collate(samples):
     out = {}
     for k in samples[0]:
         values = [s[k] for s in samples]
-        out[k] = values if k == "key" else torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
+        out[k] = values if k in ("key", "damaged") else torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
     return out

@@ -81,6 +81,23 @@ def in_chunks(fn, x: torch.Tensor, cfg, device) -> torch.Tensor:
         return torch.cat([fn(part.to(device, non_blocking=True).float()).float() for part in x.split(cfg.eval.chunk)])
 
 
+def note_damaged(loader, cfg, split: str, dist):
+    """The damaged samples the loader met in `split`, named on the console and in
+    eval.out/bad_samples.jsonl. The loader put a valid sample of the same shard in each one's
+    place; that sample's key collapses onto its own row, so a damaged video is left out of the
+    scores, and the results' video counts say how many were scored."""
+    found = getattr(loader, "new_bad_samples", [])
+    if not found:
+        return
+    out = Path(cfg.eval.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bad_samples.jsonl", "a") as f:
+        f.writelines(json.dumps({**r, "split": split}) + "\n" for r in found)
+    print(f"[stica.eval] rank {dist.rank}: {len(found)} damaged sample(s) in {split} left out of the scores: "
+          f"{', '.join(r['key'] for r in found)} (see {out / 'bad_samples.jsonl'})", flush=True)
+    found.clear()
+
+
 def progress(name: str, i: int, total: int, t0: float):
     if i % 10 == 0 or i == total:
         rate = i / max(time.perf_counter() - t0, 1e-9)
@@ -103,6 +120,7 @@ def video_features(model: Stica, cfg, split: str, dist) -> tuple[torch.Tensor, t
         feats = pooled.view(B, N, -1).mean(dim=1).cpu()
         rows.update({k: (f, int(l)) for k, f, l in zip(batch["key"], feats, batch["label"])})
         progress(f"features {split}", i, len(loader), t0)
+    note_damaged(loader, cfg, split, dist)
     rows = gather_by_key(rows, dist)
     keys = sorted(rows)
     return torch.stack([rows[k][0] for k in keys]), torch.tensor([rows[k][1] for k in keys]), keys
@@ -140,11 +158,13 @@ def av_embeddings(cfg, model, dist) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval().to(dist.device)
     data = split_cfg(cfg.data, cfg.data.split, eval_clips=1, eval_crops=1)
     rows = {}
-    for batch in build_loader(data, dist.rank, dist.world, dist.local_rank, kind="eval", backend=data.loader,
-                              workers=data.workers):
+    loader = build_loader(data, dist.rank, dist.world, dist.local_rank, kind="eval", backend=data.loader,
+                          workers=data.workers)
+    for batch in loader:
         v = in_chunks(lambda x: model.embed_video(x), batch["video"][0][:, 0], cfg, dist.device)
         a = in_chunks(model.embed_audio, batch["audio"][:, 0], cfg, dist.device)
         rows.update({k: (vi.cpu(), ai.cpu()) for k, vi, ai in zip(batch["key"], v, a)})
+    note_damaged(loader, cfg, data.split, dist)
     rows = gather_by_key(rows, dist)
     keys = sorted(rows)
     return torch.stack([rows[k][0] for k in keys]), torch.stack([rows[k][1] for k in keys])
@@ -205,7 +225,8 @@ def linear_probe(cfg, model, dist) -> dict:
         val, wd, clf, standardise = fit_linear(tr, ytr, va, yva, cfg.eval.num_classes, cfg, decays)
         with torch.no_grad():
             test = topk_accuracy(clf(standardise(te)), yte)
-        results[f"fold{fold}"] = {"val_top1": val, "weight_decay": wd, **test}
+        results[f"fold{fold}"] = {"val_top1": val, "weight_decay": wd, **test, "train_videos": len(ytr),
+                                  "test_videos": len(yte)}
     results["mean"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("top1", "top5")}
     return results
 
@@ -289,9 +310,11 @@ def score_videos(net: nn.Module, cfg, split: str, dist) -> dict:
         B, N = clips.shape[:2]
         logits = in_chunks(net, clips.flatten(0, 1), cfg, dist.device).view(B, N, -1).mean(dim=1).cpu()
         rows.update({k: (z, int(l)) for k, z, l in zip(batch["key"], logits, batch["label"])})
+    note_damaged(loader, cfg, split, dist)
     rows = gather_by_key(rows, dist)
     keys = sorted(rows)
-    return topk_accuracy(torch.stack([rows[k][0] for k in keys]), torch.tensor([rows[k][1] for k in keys]))
+    return {**topk_accuracy(torch.stack([rows[k][0] for k in keys]), torch.tensor([rows[k][1] for k in keys])),
+            "videos": len(keys)}
 
 
 def finetune_lr_factor(epoch: float, f) -> float:

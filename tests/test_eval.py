@@ -253,3 +253,47 @@ def test_audio_linear_probe_on_esc50_and_dcase2014_layouts(tmp_path):
     assert all(r["val_top1"] is None for k, r in result.items() if k.startswith("fold"))  # paper: no selection
     with pytest.raises(SystemExit, match="eval.audio.root is not set"):
         eval_main(["audio-linear", *common])
+
+
+@pytest.mark.parametrize("backend", ["dali", "reference", "torchcodec"])
+def test_evaluation_names_a_damaged_sample_leaves_it_out_and_counts_what_it_scored(tmp_path, backend):
+    """One train video whose segments do not decode: every loader (DALI, and the peers' PyAV and
+    torchcodec) lets a valid sample of its shard stand in, so evaluation goes on; the damaged
+    video is named in eval.out/bad_samples.jsonl and is not among the scored videos."""
+    from conftest import damage, pack_demo_corpus
+    from stica import distributed
+    from stica.eval import load_model, video_features
+    from stica.media import decoder_missing
+
+    if backend == "torchcodec" and decoder_missing("torchcodec"):
+        pytest.skip(f"torchcodec cannot run here: {decoder_missing('torchcodec')}")
+    shards = pack_demo_corpus(tmp_path / "corpus", train=12, val=0)
+    bad = damage(shards, 3)
+    cfg = load_config("configs/demo.yaml", [f"data.shards={shards}", f"eval.out={tmp_path / 'eval'}",
+                                            f"data.loader={backend}", "data.batch_size=4", "data.workers=0",
+                                            "data.eval_clips=1"])
+    dist = distributed.setup("gloo")
+    feats, labels, keys = video_features(load_model(cfg, None), cfg, "train", dist)
+    assert len(keys) == len(feats) == 11 and bad not in keys
+    (record,) = [json.loads(l) for l in (tmp_path / "eval" / "bad_samples.jsonl").read_text().splitlines()]
+    assert record["key"] == bad and record["split"] == "train" and record["shard"] == "train-000000.tar"
+    assert record["reason"]
+
+
+def test_the_reference_loader_replaces_a_damaged_training_sample_once(tmp_path):
+    """Pretraining on the reference loader: the damaged sample's place is taken by a valid one of
+    its shard, with its draws; it is reported once, and the next epoch does not decode it again."""
+    from conftest import damage, pack_demo_corpus
+    from stica.pipelines.loader import build_loader
+
+    shards = pack_demo_corpus(tmp_path / "corpus", train=8, val=0)
+    bad = damage(shards, 2)
+    cfg = load_config("configs/demo.yaml", [f"data.shards={shards}", "data.batch_size=4"])
+    loader = build_loader(cfg.data, backend="reference", workers=0)
+    first = [k for batch in loader for k in batch["key"]]
+    assert len(first) == 8 and bad not in first and len(set(first)) == 7  # the stand-in comes twice
+    (record,) = loader.new_bad_samples
+    assert record["key"] == bad and record["rank"] == 0 and "Error" in record["reason"]
+    loader.new_bad_samples.clear()
+    second = [k for batch in loader for k in batch["key"]]
+    assert len(second) == 8 and bad not in second and loader.new_bad_samples == []
