@@ -139,7 +139,8 @@ def test_model_ratios_survive_one_slow_repeat(monkeypatch, capsys):
 
     def fake(cfg, strategy, *args, **kwargs):
         times = [0.10, 0.10, 0.10] if strategy.name.startswith("Default") else [0.20, 0.20, 2.30]
-        return {"step_s": summarize(times), "peak_mem_gib": None, "ops": {"forward": 1, "backward": 1, "update": 1}}
+        return {"step_s": summarize(times), "peak_mem_gib": None, "ops": {"forward": 1, "backward": 1, "update": 1},
+                "gflops": 1.0}
 
     monkeypatch.setattr(bench_model, "measure_step", fake)
     rows = bench_model.run_model(dict(width=0.125, batch=2, frames=30, size=112, repeats=3, steps=1, warmup=0),
