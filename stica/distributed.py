@@ -52,7 +52,7 @@ def setup(backend: str = "auto", timeout_s: float | None = None, trace_dir: Path
             # found the last attempt's gloo addresses (dead processes) and failed with "Connection
             # refused" in 3 of 6 restarts here. Each attempt keys its own. A node that joins
             # afresh counts attempts from 0, so for replaced nodes torchrun must not share its
-            # store: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/training.md).
+            # store: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/nodes.md).
             store = dist.PrefixStore(f"stica/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
             if rank == 0 and world != local_world:
                 print("[stica.train] warning: torchrun shares its store across nodes; a replaced node will hang "

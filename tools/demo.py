@@ -44,7 +44,6 @@ SHAPES = ("disc", "stick", "ring", "bar")  # the classes: the shape that sounds 
 REGISTERS = {shape: 330.0 * 2**i for i, shape in enumerate(SHAPES)}  # Hz: each shape's voice, an octave apart
 SIZE, FPS, SECONDS, AUDIO_RATE = 64, 15, 3.0, 24000
 SIZES, SPREAD = (5.0, 13.0), 0.3  # radius range (px); its pitch range, +-octaves about the register
-PACKING = ()  # stica-shard options beyond the size and rate
 
 
 def draw(shape: str, dx: np.ndarray, dy: np.ndarray, s: float) -> np.ndarray:
@@ -331,22 +330,26 @@ def main(argv=None):
                          "overrides at their defaults (--seed may change)")
     t0 = time.perf_counter()
     stages = {}
+
+    def finished(stage: str):  # each stage's seconds: the time since the previous one ended
+        stages[stage] = time.perf_counter() - t0 - sum(stages.values())
+
     workers = os.cpu_count() or 1
 
     print(f"[demo] 1/4 generating {args.train_videos} + {args.val_videos} + {args.test_videos} synthetic audio-visual "
           f"videos in {out}/videos", flush=True)
     csv = make_corpus(out / "videos", args.train_videos, args.val_videos, args.test_videos, workers=workers)
-    stages["corpus"] = time.perf_counter() - t0
+    finished("corpus")
 
     print(f"[demo] 2/4 packing them with stica-shard ({time.perf_counter() - t0:.0f} s in)", flush=True)
     from stica.tools.shard import main as shard_main
 
     shards = out / "shards"
     status = shard_main(["pack", "--root", str(out / "videos"), "--csv", str(csv), "--out", str(shards),
-                         "--short-side", str(SIZE), "--fps", str(FPS), "--workers", str(workers), *PACKING])
+                         "--short-side", str(SIZE), "--fps", str(FPS), "--workers", str(workers)])
     if status != 0:
         raise SystemExit(f"[demo] packing reported failures: see {shards}/failures.jsonl")
-    stages["packing"] = time.perf_counter() - t0 - sum(stages.values())
+    finished("packing")
 
     run_dir = out / "train"
     epochs = [f"optim.epochs={args.epochs}"] if args.epochs is not None else []
@@ -358,7 +361,7 @@ def main(argv=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.procs}",
            "-m", "stica.train", "--config", str(config), *overrides]
     train_with_eta(cmd, env, t0)
-    stages["training"] = time.perf_counter() - t0 - sum(stages.values())
+    finished("training")
 
     print(f"[demo] 4/4 scoring the trained model and the same model at initialisation on the held-out videos "
           f"({time.perf_counter() - t0:.0f} s in, about {SCORING_SHARE * stages['training']:.0f} s to go)", flush=True)
@@ -367,7 +370,7 @@ def main(argv=None):
     trained, chance = per_video_scores(cfg, load_model(cfg, str(run_dir / "checkpoint.pt")), dist)
     init, _ = per_video_scores(cfg, load_model(cfg, None), dist)
     metrics = summarise(trained, init, chance)
-    stages["scoring"] = time.perf_counter() - t0 - sum(stages.values())
+    finished("scoring")
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     better = sum(m["verdict"] == "better" for m in metrics)
     result = {"metrics": metrics, "better": better, "seed": args.seed, "test_videos": args.test_videos,

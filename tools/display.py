@@ -118,17 +118,10 @@ def output_size(display: Display, short_side: int) -> tuple[int, int]:
 def packed_frame(frame: av.VideoFrame, display: Display, width: int, height: int) -> av.VideoFrame:
     """One source frame as the packed picture: scaled to (width, height) once turned upright,
     limited-range BT.601 8-bit 4:2:0."""
-    turned = display.rotation in (90, 270)
-    scaled = frame.reformat(width=height if turned else width, height=width if turned else height, format="yuv420p",
-                            src_colorspace=display.matrix, dst_colorspace="itu601",
-                            src_color_range="JPEG" if display.full_range else "MPEG", dst_color_range="MPEG",
-                            interpolation=SCALING)
+    scaled = _scaled(frame, display, width, height, "yuv420p", dst_colorspace="itu601", dst_color_range="MPEG")
     if not (display.rotation or display.hflip):
         return scaled
-    planes = yuv420p_planes(scaled)
-    planes = [np.rot90(p, display.rotation // 90) for p in planes]
-    if display.hflip:
-        planes = [p[:, ::-1] for p in planes]
+    planes = [_turned(p, display) for p in yuv420p_planes(scaled)]
     return av.VideoFrame.from_ndarray(np.concatenate([p.ravel() for p in planes]).reshape(height * 3 // 2, width),
                                       format="yuv420p")
 
@@ -136,12 +129,22 @@ def packed_frame(frame: av.VideoFrame, display: Display, width: int, height: int
 def shown_rgb(frame: av.VideoFrame, display: Display) -> np.ndarray:
     """One source frame as RGB (H, W, 3 uint8) the way a player shows it, at its shown size."""
     w, h = (round(float(x)) for x in display.upright)
+    return np.ascontiguousarray(_turned(_scaled(frame, display, w, h, "rgb24").to_ndarray(), display))
+
+
+def _scaled(frame: av.VideoFrame, display: Display, width: int, height: int, format: str, **dst) -> av.VideoFrame:
+    """The frame in its stored orientation, scaled to what turns upright into width x height, its
+    levels and matrix read as the source's."""
     turned = display.rotation in (90, 270)
-    rgb = frame.reformat(width=h if turned else w, height=w if turned else h, format="rgb24",
-                         src_colorspace=display.matrix, src_color_range="JPEG" if display.full_range else "MPEG",
-                         interpolation=SCALING).to_ndarray()
-    rgb = np.rot90(rgb, display.rotation // 90)
-    return np.ascontiguousarray(rgb[:, ::-1] if display.hflip else rgb)
+    return frame.reformat(width=height if turned else width, height=width if turned else height, format=format,
+                          src_colorspace=display.matrix, src_color_range="JPEG" if display.full_range else "MPEG",
+                          interpolation=SCALING, **dst)
+
+
+def _turned(image: np.ndarray, display: Display) -> np.ndarray:
+    """A stored-orientation image (or plane) as shown: the display matrix's quarter turns, then its mirror."""
+    image = np.rot90(image, display.rotation // 90)
+    return image[:, ::-1] if display.hflip else image
 
 
 def yuv420p_planes(frame: av.VideoFrame) -> list[np.ndarray]:

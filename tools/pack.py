@@ -205,7 +205,7 @@ def summarize(journal: list[dict]) -> dict:
             "bytes": sum(s["bytes"] for s in shards),
             "failures": [f for r in journal for f in r["failures"]],
             "concealed": [c for r in journal for c in r.get("concealed", [])],
-            "normalised": dict(sum((collections.Counter(r.get("normalised", {})) for r in journal), collections.Counter()))}
+            "normalised": normalised_total(journal)}
 
 
 def in_part(source: Source, part: tuple[int, int]) -> bool:
@@ -258,8 +258,10 @@ def run(sources: list[Source], out: str | Path, opts: PackOptions, seed: int = 0
     return summary
 
 
-def normalised_total(splits) -> dict[str, int]:
-    return dict(sum((collections.Counter(s["normalised"]) for s in splits), collections.Counter()))
+def normalised_total(records) -> dict[str, int]:
+    """The `normalised` counts of journal records, splits or parts, summed (journals written
+    before the counts existed have none)."""
+    return dict(sum((collections.Counter(r.get("normalised", {})) for r in records), collections.Counter()))
 
 
 def write_outputs(out: Path, job: dict, splits: dict, failures: list[dict]):

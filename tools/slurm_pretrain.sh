@@ -11,7 +11,7 @@
 #SBATCH --time=72:00:00 --signal=B:USR1@120 --requeue
 set -euo pipefail
 # A requeued or replaced node rejoins a rendezvous whose rank-0 node may change: torchrun's shared
-# store then deadlocks the new round (measured, torch 2.13; docs/training.md).
+# store then deadlocks the new round (measured, torch 2.13; docs/nodes.md).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # awk reads the whole list: `head -n1` would close the pipe early, and pipefail fails on the SIGPIPE.
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
